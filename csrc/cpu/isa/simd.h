@@ -1,0 +1,140 @@
+#pragma once
+
+// A minimal SIMD vector for the row kernels. Operators are members, not
+// friends: GCC does not apply a target pragma to in-class friend definitions. Include only from an ISA
+// translation unit, after it has defined exactly one of PATCHSLIM_ISA_SCALAR,
+// PATCHSLIM_ISA_AVX2, PATCHSLIM_ISA_AVX512 and opened that ISA's namespace:
+// every function here then gets that namespace and that target.
+
+#if !defined(PATCHSLIM_ISA_SCALAR) && !defined(PATCHSLIM_ISA_AVX2) && !defined(PATCHSLIM_ISA_AVX512)
+#error "define the ISA before including simd.h"
+#endif
+
+template <typename T>
+struct Vec;
+
+#if defined(PATCHSLIM_ISA_AVX512)
+
+template <>
+struct Vec<float> {
+  static constexpr int64_t size = 16;
+  __m512 v;
+  static Vec zero() { return {_mm512_setzero_ps()}; }
+  static Vec broadcast(float x) { return {_mm512_set1_ps(x)}; }
+  static Vec load(const float* p) { return {_mm512_loadu_ps(p)}; }
+  // Lanes at and past `count` read as `fill`.
+  static Vec load_partial(const float* p, int64_t count, float fill) {
+    return {_mm512_mask_loadu_ps(_mm512_set1_ps(fill), lane_mask(count), p)};
+  }
+  void store(float* p) const { _mm512_storeu_ps(p, v); }
+  void store_partial(float* p, int64_t count) const { _mm512_mask_storeu_ps(p, lane_mask(count), v); }
+  float sum() const { return _mm512_reduce_add_ps(v); }
+  Vec operator+(Vec b) const { return {_mm512_add_ps(v, b.v)}; }
+  Vec operator-(Vec b) const { return {_mm512_sub_ps(v, b.v)}; }
+  Vec operator*(Vec b) const { return {_mm512_mul_ps(v, b.v)}; }
+  static Vec fma(Vec a, Vec b, Vec c) { return {_mm512_fmadd_ps(a.v, b.v, c.v)}; }
+  static __mmask16 lane_mask(int64_t count) { return static_cast<__mmask16>((1u << count) - 1u); }
+};
+
+template <>
+struct Vec<double> {
+  static constexpr int64_t size = 8;
+  __m512d v;
+  static Vec zero() { return {_mm512_setzero_pd()}; }
+  static Vec broadcast(double x) { return {_mm512_set1_pd(x)}; }
+  static Vec load(const double* p) { return {_mm512_loadu_pd(p)}; }
+  static Vec load_partial(const double* p, int64_t count, double fill) {
+    return {_mm512_mask_loadu_pd(_mm512_set1_pd(fill), lane_mask(count), p)};
+  }
+  void store(double* p) const { _mm512_storeu_pd(p, v); }
+  void store_partial(double* p, int64_t count) const { _mm512_mask_storeu_pd(p, lane_mask(count), v); }
+  double sum() const { return _mm512_reduce_add_pd(v); }
+  Vec operator+(Vec b) const { return {_mm512_add_pd(v, b.v)}; }
+  Vec operator-(Vec b) const { return {_mm512_sub_pd(v, b.v)}; }
+  Vec operator*(Vec b) const { return {_mm512_mul_pd(v, b.v)}; }
+  static Vec fma(Vec a, Vec b, Vec c) { return {_mm512_fmadd_pd(a.v, b.v, c.v)}; }
+  static __mmask8 lane_mask(int64_t count) { return static_cast<__mmask8>((1u << count) - 1u); }
+};
+
+#elif defined(PATCHSLIM_ISA_AVX2)
+
+// AVX2 has no masked float loads with a fill value; partial vectors go through
+// a small stack buffer, which only the last chunk of a row pays for.
+
+template <>
+struct Vec<float> {
+  static constexpr int64_t size = 8;
+  __m256 v;
+  static Vec zero() { return {_mm256_setzero_ps()}; }
+  static Vec broadcast(float x) { return {_mm256_set1_ps(x)}; }
+  static Vec load(const float* p) { return {_mm256_loadu_ps(p)}; }
+  static Vec load_partial(const float* p, int64_t count, float fill) {
+    alignas(32) float lanes[size];
+    for (int64_t i = 0; i < size; ++i) lanes[i] = i < count ? p[i] : fill;
+    return {_mm256_load_ps(lanes)};
+  }
+  void store(float* p) const { _mm256_storeu_ps(p, v); }
+  void store_partial(float* p, int64_t count) const {
+    alignas(32) float lanes[size];
+    _mm256_store_ps(lanes, v);
+    for (int64_t i = 0; i < count; ++i) p[i] = lanes[i];
+  }
+  float sum() const {
+    const __m128 pair = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    const __m128 quad = _mm_add_ps(pair, _mm_movehl_ps(pair, pair));
+    return _mm_cvtss_f32(_mm_add_ss(quad, _mm_shuffle_ps(quad, quad, 0x1)));
+  }
+  Vec operator+(Vec b) const { return {_mm256_add_ps(v, b.v)}; }
+  Vec operator-(Vec b) const { return {_mm256_sub_ps(v, b.v)}; }
+  Vec operator*(Vec b) const { return {_mm256_mul_ps(v, b.v)}; }
+  static Vec fma(Vec a, Vec b, Vec c) { return {_mm256_fmadd_ps(a.v, b.v, c.v)}; }
+};
+
+template <>
+struct Vec<double> {
+  static constexpr int64_t size = 4;
+  __m256d v;
+  static Vec zero() { return {_mm256_setzero_pd()}; }
+  static Vec broadcast(double x) { return {_mm256_set1_pd(x)}; }
+  static Vec load(const double* p) { return {_mm256_loadu_pd(p)}; }
+  static Vec load_partial(const double* p, int64_t count, double fill) {
+    alignas(32) double lanes[size];
+    for (int64_t i = 0; i < size; ++i) lanes[i] = i < count ? p[i] : fill;
+    return {_mm256_load_pd(lanes)};
+  }
+  void store(double* p) const { _mm256_storeu_pd(p, v); }
+  void store_partial(double* p, int64_t count) const {
+    alignas(32) double lanes[size];
+    _mm256_store_pd(lanes, v);
+    for (int64_t i = 0; i < count; ++i) p[i] = lanes[i];
+  }
+  double sum() const {
+    const __m128d pair = _mm_add_pd(_mm256_castpd256_pd128(v), _mm256_extractf128_pd(v, 1));
+    return _mm_cvtsd_f64(_mm_add_sd(pair, _mm_unpackhi_pd(pair, pair)));
+  }
+  Vec operator+(Vec b) const { return {_mm256_add_pd(v, b.v)}; }
+  Vec operator-(Vec b) const { return {_mm256_sub_pd(v, b.v)}; }
+  Vec operator*(Vec b) const { return {_mm256_mul_pd(v, b.v)}; }
+  static Vec fma(Vec a, Vec b, Vec c) { return {_mm256_fmadd_pd(a.v, b.v, c.v)}; }
+};
+
+#else  // PATCHSLIM_ISA_SCALAR: the reference path, one lane.
+
+template <typename T>
+struct Vec {
+  static constexpr int64_t size = 1;
+  T v;
+  static Vec zero() { return {T(0)}; }
+  static Vec broadcast(T x) { return {x}; }
+  static Vec load(const T* p) { return {*p}; }
+  static Vec load_partial(const T* p, int64_t, T) { return {*p}; }
+  void store(T* p) const { *p = v; }
+  void store_partial(T* p, int64_t) const { *p = v; }
+  T sum() const { return v; }
+  Vec operator+(Vec b) const { return {v + b.v}; }
+  Vec operator-(Vec b) const { return {v - b.v}; }
+  Vec operator*(Vec b) const { return {v * b.v}; }
+  static Vec fma(Vec a, Vec b, Vec c) { return {a.v * b.v + c.v}; }
+};
+
+#endif

@@ -1,0 +1,146 @@
+// CPU kernels of patchslim::prefix_layer_norm and its backward: argument
+// checks, ISA dispatch and threading; the row maths is in isa/layer_norm_rows.h.
+
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <stdexcept>
+#include <tuple>
+
+#include "common/prefix_layer_norm_checks.h"
+#include "cpu/kernels.h"
+
+namespace patchslim {
+namespace {
+
+// Enough elements per task that thread start-up stays small against the work.
+constexpr int64_t kElementsPerTask = 32768;
+
+CpuIsa checked_cpu_isa() {
+  try {
+    return active_cpu_isa();
+  } catch (const std::invalid_argument& e) {
+    TORCH_CHECK(false, e.what());
+  }
+}
+
+void check_cpu_dtype(const at::Tensor& input, const char* op) {
+  TORCH_CHECK(input.scalar_type() == at::kFloat || input.scalar_type() == at::kDouble, op,
+              ": CPU supports float32 and float64 inputs, got ", input.scalar_type());
+}
+
+template <typename T>
+cpu::RowView<T> row_view(T* data, const at::Tensor& t, int64_t rows_per_batch) {
+  return {data, t.stride(0), t.stride(1), rows_per_batch};
+}
+
+// Kernels need only the channel dimension to be contiguous.
+at::Tensor with_contiguous_channels(const at::Tensor& t) {
+  return t.stride(2) == 1 ? t : t.contiguous();
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> prefix_layer_norm_cpu(const at::Tensor& input_arg,
+                                                                      int64_t n_rows,
+                                                                      const at::Tensor& weight_arg,
+                                                                      const at::Tensor& bias_arg,
+                                                                      double eps) {
+  check_prefix_layer_norm_forward(input_arg, n_rows, weight_arg, bias_arg);
+  check_cpu_dtype(input_arg, "prefix_layer_norm");
+  const int64_t B = input_arg.size(0);
+  const int64_t C = input_arg.size(2);
+  auto output = at::empty({B, n_rows, C}, input_arg.options());
+  auto mean = at::empty({B, n_rows}, input_arg.options());
+  auto rstd = at::empty({B, n_rows}, input_arg.options());
+  if (output.numel() == 0) {
+    return {output, mean, rstd};
+  }
+  const auto input = with_contiguous_channels(input_arg);
+  const auto weight = weight_arg.contiguous();
+  const auto bias = bias_arg.contiguous();
+  const CpuIsa isa = checked_cpu_isa();
+
+  AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "prefix_layer_norm_cpu", [&] {
+    const cpu::LayerNormForwardArgs<scalar_t> args{
+        row_view(input.const_data_ptr<scalar_t>(), input, n_rows),
+        output.mutable_data_ptr<scalar_t>(),
+        mean.mutable_data_ptr<scalar_t>(),
+        rstd.mutable_data_ptr<scalar_t>(),
+        weight.const_data_ptr<scalar_t>(),
+        bias.const_data_ptr<scalar_t>(),
+        C,
+        static_cast<scalar_t>(eps)};
+    const auto& kernels = cpu::kernels_for<scalar_t>(isa);
+    at::parallel_for(0, B * n_rows, std::max<int64_t>(1, kElementsPerTask / C),
+                     [&](int64_t begin, int64_t end) { kernels.layer_norm_forward(args, begin, end); });
+  });
+  return {output, mean, rstd};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> prefix_layer_norm_backward_cpu(
+    const at::Tensor& grad_out_arg, const at::Tensor& input_arg, int64_t n_rows,
+    const at::Tensor& mean_arg, const at::Tensor& rstd_arg, const at::Tensor& weight_arg) {
+  check_prefix_layer_norm_backward(grad_out_arg, input_arg, n_rows, mean_arg, rstd_arg, weight_arg);
+  check_cpu_dtype(input_arg, "prefix_layer_norm_backward");
+  TORCH_CHECK(mean_arg.scalar_type() == input_arg.scalar_type() &&
+                  rstd_arg.scalar_type() == input_arg.scalar_type(),
+              "prefix_layer_norm_backward: on CPU, mean and rstd must have the input's dtype ",
+              input_arg.scalar_type());
+  const int64_t B = input_arg.size(0);
+  const int64_t N = input_arg.size(1);
+  const int64_t C = input_arg.size(2);
+  auto grad_input = at::empty({B, N, C}, input_arg.options());
+  grad_input.narrow(1, n_rows, N - n_rows).zero_();
+  const int64_t rows = B * n_rows;
+  if (rows == 0 || C == 0) {
+    return {grad_input, at::zeros({C}, weight_arg.options()), at::zeros({C}, weight_arg.options())};
+  }
+  const auto grad_out = grad_out_arg.contiguous();
+  const auto input = with_contiguous_channels(input_arg);
+  const auto mean = mean_arg.contiguous();
+  const auto rstd = rstd_arg.contiguous();
+  const auto weight = weight_arg.contiguous();
+  const CpuIsa isa = checked_cpu_isa();
+
+  // Fixed chunks, each with its own weight/bias partial sums, reduced in chunk
+  // order: the result does not depend on which thread ran which chunk.
+  const int64_t grain = std::max<int64_t>(1, kElementsPerTask / C);
+  const int64_t num_chunks = std::min<int64_t>(at::get_num_threads(), (rows + grain - 1) / grain);
+  const int64_t chunk_rows = (rows + num_chunks - 1) / num_chunks;
+  auto partials = at::zeros({num_chunks, 2, C}, input.options());
+
+  AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "prefix_layer_norm_backward_cpu", [&] {
+    const cpu::LayerNormBackwardArgs<scalar_t> args{
+        grad_out.const_data_ptr<scalar_t>(),
+        row_view(input.const_data_ptr<scalar_t>(), input, n_rows),
+        mean.const_data_ptr<scalar_t>(),
+        rstd.const_data_ptr<scalar_t>(),
+        weight.const_data_ptr<scalar_t>(),
+        row_view(grad_input.mutable_data_ptr<scalar_t>(), grad_input, n_rows),
+        C};
+    const auto& kernels = cpu::kernels_for<scalar_t>(isa);
+    scalar_t* partial = partials.mutable_data_ptr<scalar_t>();
+    at::parallel_for(0, num_chunks, 1, [&](int64_t chunk_begin, int64_t chunk_end) {
+      for (int64_t chunk = chunk_begin; chunk < chunk_end; ++chunk) {
+        const int64_t begin = chunk * chunk_rows;
+        const int64_t end = std::min(rows, begin + chunk_rows);
+        scalar_t* grad_weight = partial + chunk * 2 * C;
+        kernels.layer_norm_backward(args, begin, end, grad_weight, grad_weight + C);
+      }
+    });
+  });
+  return {grad_input, partials.select(1, 0).sum(0), partials.select(1, 1).sum(0)};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(patchslim, CPU, m) {
+  m.impl("prefix_layer_norm", &prefix_layer_norm_cpu);
+  m.impl("prefix_layer_norm_backward", &prefix_layer_norm_backward_cpu);
+}
+
+}  // namespace patchslim

@@ -1,0 +1,148 @@
+"""Reading and writing model weights without pickle.
+
+- ``.safetensors`` files (ours carry the :class:`~patchslim_ext.vit.ViTConfig` as JSON
+  metadata), and
+- ``.pth``/``.pt`` files read with ``torch.load(..., weights_only=True)``, such as the
+  official DeiT checkpoints whose ``"model"`` entry is a timm state dict.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, safe_open, save_file
+from torch import Tensor, nn
+
+from patchslim_ext.vit import VisionTransformer, ViTConfig
+
+_FORMAT = "patchslim-vit"
+# Head dimension of every ViT/DeiT variant; used only when a checkpoint does not
+# record its number of heads (which no weight shape reveals).
+_DEFAULT_HEAD_DIM = 64
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be read or does not fit the model."""
+
+
+def load_state_dict_file(path: str | os.PathLike) -> dict[str, Tensor]:
+    """Read a state dict from ``.safetensors`` or a ``.pth`` (weights only).
+
+    A ``.pth`` holding ``{"model": state_dict, ...}`` (DeiT's release format) or
+    ``{"state_dict": ...}`` yields that entry.
+
+    Raises:
+        FileNotFoundError: no such file.
+        CheckpointError: the file is not a readable checkpoint.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    try:
+        if path.suffix == ".safetensors":
+            return load_file(path)
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except (SafetensorError, RuntimeError, OSError, EOFError, ValueError) as error:
+        raise CheckpointError(f"cannot read checkpoint {path}: {error}") from error
+    if isinstance(payload, Mapping):
+        for entry in ("model", "state_dict"):
+            if isinstance(payload.get(entry), Mapping):
+                payload = payload[entry]
+                break
+    if not isinstance(payload, Mapping) or not all(
+        isinstance(value, Tensor) for value in payload.values()
+    ):
+        raise CheckpointError(f"{path} does not hold a state dict of tensors")
+    return dict(payload)
+
+
+def load_state_dict_strict(model: nn.Module, state_dict: Mapping[str, Tensor]) -> None:
+    """``model.load_state_dict(state_dict, strict=True)`` with errors that name the key.
+
+    Raises:
+        CheckpointError: a missing or unexpected key, or a shape that differs.
+    """
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state_dict))
+    unexpected = sorted(set(state_dict) - set(expected))
+    if missing:
+        raise CheckpointError(f"checkpoint is missing key(s): {', '.join(missing)}")
+    if unexpected:
+        raise CheckpointError(f"checkpoint has unexpected key(s): {', '.join(unexpected)}")
+    for key, tensor in state_dict.items():
+        if tensor.shape != expected[key].shape:
+            raise CheckpointError(
+                f"checkpoint key '{key}' has shape {tuple(tensor.shape)}, "
+                f"the model expects {tuple(expected[key].shape)}"
+            )
+    model.load_state_dict(state_dict, strict=True)
+
+
+def config_from_state_dict(
+    state_dict: Mapping[str, Tensor], num_heads: int | None = None
+) -> ViTConfig:
+    """Infer a :class:`ViTConfig` from timm-style weight shapes.
+
+    The number of heads is not visible in the weights: pass it, or it is taken as
+    ``embed_dim // 64`` (true of ViT and DeiT).
+    """
+    try:
+        embed_dim, in_chans, patch_size, _ = state_dict["patch_embed.proj.weight"].shape
+        num_tokens = state_dict["pos_embed"].shape[1]
+        num_classes = state_dict["head.weight"].shape[0]
+        mlp_hidden = state_dict["blocks.0.mlp.fc1.weight"].shape[0]
+    except KeyError as error:
+        raise CheckpointError(f"not a ViT state dict: no key {error}") from None
+    depth = 1 + max(int(key.split(".")[1]) for key in state_dict if key.startswith("blocks."))
+    if num_heads is None:
+        if embed_dim % _DEFAULT_HEAD_DIM:
+            raise CheckpointError(
+                f"cannot infer num_heads for embed_dim {embed_dim}: pass it explicitly"
+            )
+        num_heads = embed_dim // _DEFAULT_HEAD_DIM
+    grid = round((num_tokens - 1) ** 0.5)
+    if grid * grid != num_tokens - 1:
+        raise CheckpointError(f"pos_embed has {num_tokens} tokens, not 1 + a square number")
+    return ViTConfig(
+        img_size=grid * patch_size,
+        patch_size=patch_size,
+        in_chans=in_chans,
+        num_classes=num_classes,
+        embed_dim=embed_dim,
+        depth=depth,
+        num_heads=num_heads,
+        mlp_ratio=mlp_hidden / embed_dim,
+    )
+
+
+def save_model(model: VisionTransformer, path: str | os.PathLike) -> None:
+    """Write weights and config to ``path`` (safetensors), atomically."""
+    path = Path(path)
+    metadata = {"format": _FORMAT, "config": json.dumps(model.config.to_dict())}
+    tensors = {key: value.detach().contiguous().cpu() for key, value in model.state_dict().items()}
+    partial = path.with_name(path.name + ".partial")
+    save_file(tensors, partial, metadata=metadata)
+    os.replace(partial, path)
+
+
+def load_model(path: str | os.PathLike, num_heads: int | None = None) -> VisionTransformer:
+    """Build a :class:`VisionTransformer` from a checkpoint written by :func:`save_model`,
+    or from any timm/DeiT state dict (config inferred, see :func:`config_from_state_dict`)."""
+    path = Path(path)
+    state_dict = load_state_dict_file(path)
+    config = None
+    if path.suffix == ".safetensors":
+        with safe_open(path, framework="pt") as handle:
+            metadata = handle.metadata() or {}
+        if metadata.get("format") == _FORMAT:
+            config = ViTConfig.from_dict(json.loads(metadata["config"]))
+    if config is None:
+        config = config_from_state_dict(state_dict, num_heads)
+    model = VisionTransformer.from_config(config)
+    load_state_dict_strict(model, state_dict)
+    return model

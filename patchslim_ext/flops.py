@@ -1,0 +1,112 @@
+"""FLOP counts: measured with fvcore, and the analytic formula of DESIGN.md §3.
+
+fvcore's convention holds throughout: one multiply-add is one FLOP, LayerNorm
+costs 5 per element, element-wise ops (residual adds, GELU, softmax) are free.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from fvcore.nn import FlopCountAnalysis
+from fvcore.nn.jit_handles import get_shape
+from torch import nn
+
+from patchslim_ext.vit import ViTConfig
+
+# Affine LayerNorm: mean, variance, normalise, scale, shift (fvcore's figure).
+LAYER_NORM_FLOPS_PER_ELEMENT = 5
+
+# Element-wise ops that fvcore has no handle for; free under its convention.
+_FREE_OPS = ("aten::add", "aten::add_", "aten::gelu", "aten::mul", "aten::softmax", "aten::div")
+
+
+def _prod(values: Sequence[int]) -> int:
+    result = 1
+    for value in values:
+        result *= value
+    return result
+
+
+def _sdpa_flops(inputs: list[Any], outputs: list[Any]) -> int:
+    # q (..., Lq, E), k (..., Lk, E), v (..., Lk, Ev): Q·Kᵀ and P·V.
+    q_shape, k_shape, v_shape = (get_shape(value) for value in inputs[:3])
+    *batch, queries, dim = q_shape
+    keys = k_shape[-2]
+    return _prod(batch) * queries * keys * (dim + v_shape[-1])
+
+
+def _prefix_layer_norm_flops(inputs: list[Any], outputs: list[Any]) -> int:
+    return LAYER_NORM_FLOPS_PER_ELEMENT * _prod(get_shape(outputs[0]))
+
+
+OP_HANDLES = {
+    "aten::scaled_dot_product_attention": _sdpa_flops,
+    "patchslim::prefix_layer_norm": _prefix_layer_norm_flops,
+}
+
+
+def flop_analysis(model: nn.Module, inputs: Any) -> FlopCountAnalysis:
+    """fvcore's ``FlopCountAnalysis`` with handles for attention and every patchslim op."""
+    analysis = FlopCountAnalysis(model, inputs)
+    analysis.set_op_handle(**OP_HANDLES)
+    analysis.set_op_handle(**dict.fromkeys(_FREE_OPS))
+    return analysis
+
+
+def count_flops(model: nn.Module, inputs: Any) -> int:
+    """Total FLOPs of ``model(*inputs)`` (or ``model(inputs)``) counted by fvcore."""
+    return int(flop_analysis(model, inputs).total())
+
+
+def _check_keep_counts(config: ViTConfig, keep_counts: Sequence[int]) -> list[int]:
+    counts = [int(n) for n in keep_counts]
+    if len(counts) != config.depth:
+        raise ValueError(f"keep_counts must have depth={config.depth} entries, got {len(counts)}")
+    for block, n in enumerate(counts):
+        if not 1 <= n <= config.num_tokens:
+            raise ValueError(f"keep_counts[{block}] must be in [1, N={config.num_tokens}], got {n}")
+    for block in range(1, len(counts)):
+        if counts[block] > counts[block - 1]:
+            raise ValueError(
+                f"keep_counts must be non-increasing (nested masks), but block {block} keeps "
+                f"{counts[block]} > {counts[block - 1]}"
+            )
+    return counts
+
+
+def block_flops(config: ViTConfig, n_keep: int) -> int:
+    """FLOPs of one block that updates ``n_keep`` of its N tokens, for one image.
+
+    LN1 and the K, V projections run on all N tokens; Q, attention, the output
+    projection, LN2 and the MLP on the kept ones. ``n_keep = N`` is the dense block.
+    """
+    n_all, dim = config.num_tokens, config.embed_dim
+    return (
+        LAYER_NORM_FLOPS_PER_ELEMENT * n_all * dim
+        + 2 * n_all * dim * dim
+        + n_keep * dim * dim
+        + 2 * n_keep * n_all * dim
+        + n_keep * dim * dim
+        + LAYER_NORM_FLOPS_PER_ELEMENT * n_keep * dim
+        + 2 * n_keep * dim * config.mlp_hidden
+    )
+
+
+def flops_of(
+    config: ViTConfig, keep_counts: Sequence[int] | None = None, batch_size: int = 1
+) -> int:
+    """Analytic FLOPs of a ViT whose block l updates ``keep_counts[l]`` tokens.
+
+    ``keep_counts=None`` is the dense model. Agrees exactly with :func:`count_flops`.
+    """
+    counts = (
+        [config.num_tokens] * config.depth
+        if keep_counts is None
+        else _check_keep_counts(config, keep_counts)
+    )
+    patch_embed = config.num_patches * config.embed_dim * config.in_chans * config.patch_size**2
+    blocks = sum(block_flops(config, n) for n in counts)
+    head = LAYER_NORM_FLOPS_PER_ELEMENT * config.embed_dim + config.embed_dim * config.num_classes
+    return batch_size * (patch_embed + blocks + head)

@@ -1,0 +1,38 @@
+"""The ``torch.ops.patchslim`` operators, their fake kernels and autograd.
+
+Importing this module loads the compiled library (which registers the schemas
+and the CPU/CUDA kernels) and registers, from Python, the fake (meta) kernels
+that ``torch.compile`` and ``torch.export`` trace with and the autograd
+formulas. Every op is listed here with its shapes and dtypes.
+
+``patchslim::prefix_layer_norm(Tensor input, SymInt n_rows, Tensor weight, Tensor bias, float eps)
+-> (Tensor out, Tensor mean, Tensor rstd)``
+    LayerNorm over the first ``n_rows`` rows of every image.
+
+    - ``input``: (B, N, C); any strides (a non-unit channel stride costs a copy).
+    - ``weight``, ``bias``: (C,), the input's dtype.
+    - ``out``: (B, n_rows, C), contiguous, the input's dtype.
+    - ``mean``, ``rstd``: (B, n_rows); the input's dtype on CPU, float32 on CUDA.
+    - dtypes: CPU float32/float64; CUDA float32/float16/bfloat16 (float32 accumulation).
+    - ``0 <= n_rows <= N``; ``n_rows = 0`` or ``B = 0`` return empty tensors.
+
+``patchslim::prefix_layer_norm_backward(Tensor grad_out, Tensor input, SymInt n_rows,
+Tensor mean, Tensor rstd, Tensor weight) -> (Tensor grad_input, Tensor grad_weight,
+Tensor grad_bias)``
+    Backward of ``prefix_layer_norm``: ``grad_out`` (B, n_rows, C) to ``grad_input``
+    (B, N, C; rows ``>= n_rows`` are zero), ``grad_weight`` and ``grad_bias`` (C,).
+"""
+
+import torch  # noqa: F401  (loads libtorch before the extension that links it)
+
+from patchslim_ext import _C
+from patchslim_ext.ops.layer_norm import prefix_layer_norm
+
+__all__ = ["cpu_isa", "prefix_layer_norm"]
+
+
+def cpu_isa() -> str:
+    """The CPU instruction set the kernels run with now: ``"scalar"``, ``"avx2"`` or
+    ``"avx512"``. ``PATCHSLIM_CPU_ISA`` overrides the detected one (raises
+    ``ValueError`` if this CPU lacks the requested one)."""
+    return _C.active_cpu_isa()

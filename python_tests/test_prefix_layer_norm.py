@@ -1,0 +1,213 @@
+"""patchslim::prefix_layer_norm and its backward: numerics, ISA paths, autograd, opcheck."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import cpu_and_cuda, cpu_isas
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from patchslim_ext.ops import cpu_isa, prefix_layer_norm
+
+EPS = 1e-6
+
+
+def _inputs(batch, tokens, channels, dtype=torch.float32, device="cpu", seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, tokens, channels, generator=gen, dtype=torch.float64) * 3 + 0.5
+    w = torch.randn(channels, generator=gen, dtype=torch.float64)
+    b = torch.randn(channels, generator=gen, dtype=torch.float64)
+    return tuple(t.to(device=device, dtype=dtype) for t in (x, w, b))
+
+
+def _reference(x, n_rows, w, b):
+    return F.layer_norm(x[:, :n_rows], (x.shape[-1],), w, b, EPS)
+
+
+def _dtypes(device):
+    return [torch.float32, torch.float64] if device == "cpu" else [
+        torch.float32, torch.float16, torch.bfloat16]
+
+
+@pytest.mark.parametrize("device", cpu_and_cuda())
+@pytest.mark.parametrize("shape", [(1, 1, 1), (2, 5, 3), (3, 50, 96), (2, 197, 192), (1, 9, 1000)])
+def test_matches_layer_norm(device, shape):
+    batch, tokens, channels = shape
+    for dtype in _dtypes(device):
+        x, w, b = _inputs(*shape, dtype=dtype, device=device)
+        for n_rows in sorted({1, tokens // 2 or 1, tokens}):
+            out = prefix_layer_norm(x, n_rows, w, b, EPS)
+            ref64 = _reference(*(t.double() for t in (x,)), n_rows, w.double(), b.double())
+            torch_err = (_reference(x, n_rows, w, b).double() - ref64).abs().max()
+            our_err = (out.double() - ref64).abs().max()
+            assert out.shape == (batch, n_rows, channels)
+            assert out.dtype == dtype
+            assert out.is_contiguous()
+            # At most 2x the error of plain torch at the same dtype, with a floor
+            # for the cases where torch happens to be exact.
+            floor = {torch.float64: 1e-12, torch.float32: 1e-5}.get(dtype, 1e-2)
+            assert our_err <= max(2 * torch_err, floor), (dtype, n_rows, our_err, torch_err)
+
+
+@pytest.mark.parametrize("isa", cpu_isas())
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_each_cpu_isa_gives_the_same_result(isa, dtype, cpu_isa_env):
+    # Channel counts around the vector widths exercise full and partial chunks
+    # (C = 1 is ill-conditioned: rstd ≈ 1/sqrt(eps) amplifies rounding noise).
+    for channels in (3, 8, 15, 16, 17, 33, 96):
+        x, w, b = _inputs(3, 7, channels, dtype=dtype, seed=channels)
+        cpu_isa_env("scalar")
+        ref = prefix_layer_norm(x, 5, w, b, EPS)
+        grad_out = torch.randn_like(ref)
+        ref_grads = torch.ops.patchslim.prefix_layer_norm_backward(
+            grad_out, x, 5, *torch.ops.patchslim.prefix_layer_norm(x, 5, w, b, EPS)[1:], w
+        )
+        cpu_isa_env(isa)
+        assert cpu_isa() == isa
+        out, mean, rstd = torch.ops.patchslim.prefix_layer_norm(x, 5, w, b, EPS)
+        grads = torch.ops.patchslim.prefix_layer_norm_backward(grad_out, x, 5, mean, rstd, w)
+        tol = 1e-5 if dtype == torch.float32 else 1e-12
+        torch.testing.assert_close(out, ref, rtol=tol, atol=tol)
+        for got, want in zip(grads, ref_grads, strict=True):
+            torch.testing.assert_close(got, want, rtol=tol, atol=tol)
+
+
+def test_unknown_or_unsupported_isa_is_refused(cpu_isa_env):
+    x, w, b = _inputs(1, 2, 4)
+    cpu_isa_env("sse9")
+    with pytest.raises(ValueError, match="PATCHSLIM_CPU_ISA must be one of"):
+        cpu_isa()
+    with pytest.raises(RuntimeError, match="PATCHSLIM_CPU_ISA must be one of"):
+        prefix_layer_norm(x, 1, w, b)
+
+
+@pytest.mark.parametrize("device", cpu_and_cuda())
+def test_strided_inputs(device):
+    base, w, b = _inputs(4, 12, 40, device=device)
+    views = {
+        "batch-sliced": base[::2],
+        "token-sliced": base[:, 1:],
+        "channel-strided": torch.randn(4, 12, 80, device=device)[..., ::2],
+        "transposed": base.transpose(0, 1).contiguous().transpose(0, 1),
+    }
+    for name, x in views.items():
+        out = prefix_layer_norm(x, 3, w, b, EPS)
+        torch.testing.assert_close(out, _reference(x, 3, w, b), msg=name)
+
+
+@pytest.mark.parametrize("device", cpu_and_cuda())
+def test_empty_inputs(device):
+    x, w, b = _inputs(0, 5, 8, device=device)
+    assert prefix_layer_norm(x, 3, w, b).shape == (0, 3, 8)
+    x, w, b = _inputs(2, 5, 8, device=device)
+    out = prefix_layer_norm(x, 0, w, b)
+    assert out.shape == (2, 0, 8)
+    xr = x.clone().requires_grad_()
+    prefix_layer_norm(xr, 0, w, b).sum().backward()
+    assert torch.equal(xr.grad, torch.zeros_like(x))
+
+
+def test_gradcheck_fp64():
+    x, w, b = (t.requires_grad_() for t in _inputs(2, 6, 10, dtype=torch.float64))
+    for n_rows in (1, 4, 6):
+        assert torch.autograd.gradcheck(
+            lambda x, w, b, n=n_rows: prefix_layer_norm(x, n, w, b, EPS), (x, w, b)
+        )
+
+
+@pytest.mark.parametrize("device", cpu_and_cuda())
+def test_gradients_match_autograd_through_layer_norm(device):
+    x, w, b = (t.requires_grad_() for t in _inputs(3, 9, 24, device=device))
+    grad_out = torch.randn(3, 4, 24, device=device)
+    ours = torch.autograd.grad(prefix_layer_norm(x, 4, w, b, EPS), (x, w, b), grad_out)
+    ref = torch.autograd.grad(_reference(x, 4, w, b), (x, w, b), grad_out)
+    for got, want in zip(ours, ref, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("device", cpu_and_cuda())
+def test_opcheck(device):
+    dtype = torch.float64 if device == "cpu" else torch.float32
+    x, w, b = _inputs(2, 7, 12, dtype=dtype, device=device)
+    forward_args = (x.requires_grad_(), 3, w.requires_grad_(), b.requires_grad_(), EPS)
+    torch.library.opcheck(torch.ops.patchslim.prefix_layer_norm.default, forward_args)
+    with torch.no_grad():
+        _, mean, rstd = torch.ops.patchslim.prefix_layer_norm(x, 3, w, b, EPS)
+    grad_out = torch.randn(2, 3, 12, dtype=dtype, device=device)
+    torch.library.opcheck(
+        torch.ops.patchslim.prefix_layer_norm_backward.default,
+        (grad_out, x.detach(), 3, mean, rstd, w.detach()),
+    )
+
+
+def test_torch_compile_fullgraph():
+    x, w, b = _inputs(2, 11, 32)
+
+    def fn(x, w, b):
+        return prefix_layer_norm(x * 2, 5, w, b, EPS).sum(-1)
+
+    compiled = torch.compile(fn, fullgraph=True, dynamic=True)
+    torch.testing.assert_close(compiled(x, w, b), fn(x, w, b))
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (lambda x, w, b: (x[0], 1, w, b), r"input must have shape \(B, N, C\)"),
+        (lambda x, w, b: (x, 6, w, b), r"n_rows must be in \[0, N=5\], got 6"),
+        (lambda x, w, b: (x, -1, w, b), r"n_rows must be in \[0, N=5\], got -1"),
+        (lambda x, w, b: (x, 1, w[:3], b), r"weight must have shape \(C,\) = \(8,\)"),
+        (lambda x, w, b: (x, 1, w, b[None]), r"bias must have shape \(C,\) = \(8,\)"),
+        (lambda x, w, b: (x, 1, w.double(), b), "weight and bias must have the input's dtype"),
+        (lambda x, w, b: (x.half(), 1, w.half(), b.half()), "CPU supports float32 and float64"),
+    ],
+)
+def test_bad_inputs_name_the_argument(args, message):
+    x, w, b = _inputs(2, 5, 8)
+    with pytest.raises(RuntimeError, match=message):
+        torch.ops.patchslim.prefix_layer_norm(*args(x, w, b), EPS)
+
+
+def test_bad_backward_inputs_name_the_argument():
+    x, w, b = _inputs(2, 5, 8)
+    _, mean, rstd = torch.ops.patchslim.prefix_layer_norm(x, 3, w, b, EPS)
+    grad = torch.randn(2, 3, 8)
+    backward = torch.ops.patchslim.prefix_layer_norm_backward
+    with pytest.raises(RuntimeError, match=r"grad_out must have shape \(B, n_rows, C\)"):
+        backward(grad[:, :2], x, 3, mean, rstd, w)
+    with pytest.raises(RuntimeError, match=r"mean and rstd must have shape \(B, n_rows\)"):
+        backward(grad, x, 3, mean[:, :1], rstd, w)
+    with pytest.raises(RuntimeError, match=r"weight must have shape \(C,\)"):
+        backward(grad, x, 3, mean, rstd, w[:1])
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    batch=st.integers(0, 3),
+    tokens=st.integers(1, 9),
+    channels=st.integers(1, 40),
+    n_rows=st.integers(-2, 11),
+    dtype=st.sampled_from([torch.float32, torch.float64, torch.float16, torch.int64]),
+    weight_len=st.integers(0, 41),
+    transpose=st.booleans(),
+)
+def test_fuzz_never_crashes(batch, tokens, channels, n_rows, dtype, weight_len, transpose):
+    """Any shape, stride or dtype either computes the reference or raises RuntimeError."""
+    x = torch.randn(batch, tokens, channels).to(dtype)
+    if transpose:
+        x = x.transpose(0, 1).contiguous().transpose(0, 1)
+    w = torch.randn(weight_len).to(dtype)
+    b = torch.randn(weight_len).to(dtype)
+    valid = (
+        0 <= n_rows <= tokens
+        and weight_len == channels
+        and dtype in (torch.float32, torch.float64)
+    )
+    if not valid:
+        with pytest.raises(RuntimeError):
+            torch.ops.patchslim.prefix_layer_norm(x, n_rows, w, b, EPS)
+        return
+    out = prefix_layer_norm(x, n_rows, w, b, EPS)
+    torch.testing.assert_close(out, _reference(x, n_rows, w, b), rtol=1e-4, atol=1e-4)
