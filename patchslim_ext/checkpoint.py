@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -47,7 +48,14 @@ def load_state_dict_file(path: str | os.PathLike) -> dict[str, Tensor]:
         if path.suffix == ".safetensors":
             return load_file(path)
         payload = torch.load(path, map_location="cpu", weights_only=True)
-    except (SafetensorError, RuntimeError, OSError, EOFError, ValueError) as error:
+    except (
+        SafetensorError,
+        pickle.UnpicklingError,
+        RuntimeError,
+        OSError,
+        EOFError,
+        ValueError,
+    ) as error:
         raise CheckpointError(f"cannot read checkpoint {path}: {error}") from error
     if isinstance(payload, Mapping):
         for entry in ("model", "state_dict"):
@@ -70,10 +78,13 @@ def load_state_dict_strict(model: nn.Module, state_dict: Mapping[str, Tensor]) -
     expected = model.state_dict()
     missing = sorted(set(expected) - set(state_dict))
     unexpected = sorted(set(state_dict) - set(expected))
+    problems = []
     if missing:
-        raise CheckpointError(f"checkpoint is missing key(s): {', '.join(missing)}")
+        problems.append(f"checkpoint is missing key(s): {', '.join(missing)}")
     if unexpected:
-        raise CheckpointError(f"checkpoint has unexpected key(s): {', '.join(unexpected)}")
+        problems.append(f"checkpoint has unexpected key(s): {', '.join(unexpected)}")
+    if problems:
+        raise CheckpointError("; ".join(problems))
     for key, tensor in state_dict.items():
         if tensor.shape != expected[key].shape:
             raise CheckpointError(

@@ -27,8 +27,11 @@ def _reference(x, n_rows, w, b):
 
 
 def _dtypes(device):
-    return [torch.float32, torch.float64] if device == "cpu" else [
-        torch.float32, torch.float16, torch.bfloat16]
+    return (
+        [torch.float32, torch.float64]
+        if device == "cpu"
+        else [torch.float32, torch.float16, torch.bfloat16]
+    )
 
 
 @pytest.mark.parametrize("device", cpu_and_cuda())
@@ -201,9 +204,7 @@ def test_fuzz_never_crashes(batch, tokens, channels, n_rows, dtype, weight_len, 
     w = torch.randn(weight_len).to(dtype)
     b = torch.randn(weight_len).to(dtype)
     valid = (
-        0 <= n_rows <= tokens
-        and weight_len == channels
-        and dtype in (torch.float32, torch.float64)
+        0 <= n_rows <= tokens and weight_len == channels and dtype in (torch.float32, torch.float64)
     )
     if not valid:
         with pytest.raises(RuntimeError):

@@ -1,0 +1,75 @@
+"""FLOP counts: fvcore handles, the paper's baselines, and the analytic formula."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+import patchslim_ext as ps
+from patchslim_ext.flops import block_flops, flop_analysis
+
+PAPER_BASELINES = {
+    ps.deit_tiny_patch16_224: 1.25e9,
+    ps.deit_small_patch16_224: 4.60e9,
+    ps.deit_base_patch16_224: 17.56e9,
+}
+
+
+@pytest.mark.parametrize("factory", list(PAPER_BASELINES), ids=lambda f: f.__name__)
+def test_deit_flops_match_the_paper(factory, caplog):
+    model = factory().eval()
+    images = torch.randn(1, 3, 224, 224)
+    with caplog.at_level(logging.WARNING), torch.no_grad():
+        analysis = flop_analysis(model, (images,))
+        total = analysis.total()
+    assert abs(total - PAPER_BASELINES[factory]) <= 0.01 * PAPER_BASELINES[factory]
+    assert total == ps.flops_of(model.config)
+    assert not analysis.unsupported_ops(), analysis.unsupported_ops()
+    assert "unsupported" not in caplog.text.lower()
+    assert "never called" not in caplog.text
+
+
+def test_fvcore_and_analytic_agree_per_block_and_batch():
+    config = ps.digits_vit().config
+    model = ps.digits_vit().eval()
+    with torch.no_grad():
+        analysis = flop_analysis(model, (torch.randn(3, 1, 28, 28),))
+        by_module = analysis.by_module()
+    for block in range(config.depth):
+        assert by_module[f"blocks.{block}"] == 3 * block_flops(config, config.num_tokens)
+    assert analysis.total() == ps.flops_of(config, batch_size=3)
+    assert ps.count_flops(model, (torch.randn(3, 1, 28, 28),)) == analysis.total()
+
+
+def test_handles_count_attention_and_prefix_layer_norm():
+    model = ps.digits_vit().eval()
+    with torch.no_grad():
+        by_op = flop_analysis(model, (torch.randn(1, 1, 28, 28),)).by_operator()
+    config = model.config
+    n, c = config.num_tokens, config.embed_dim
+    assert by_op["scaled_dot_product_attention"] == config.depth * 2 * n * n * c
+    assert by_op["prefix_layer_norm"] == 5 * c  # the class token only
+
+
+def test_pruned_keep_counts_reduce_flops():
+    config = ps.deit_small_patch16_224().config
+    dense = ps.flops_of(config)
+    pyramid = [197] * 3 + [150] * 3 + [100] * 3 + [50, 20, 1]
+    assert ps.flops_of(config, pyramid) < dense
+    assert ps.flops_of(config, [197] * 12) == dense
+
+
+@pytest.mark.parametrize(
+    ("keep_counts", "message"),
+    [
+        ([50] * 11, "must have depth=12 entries"),
+        ([51] + [50] * 11, r"must be in \[1, N=50\]"),
+        ([50] * 11 + [0], r"must be in \[1, N=50\]"),
+        ([40, 45] + [1] * 10, "non-increasing"),
+    ],
+)
+def test_bad_keep_counts(keep_counts, message):
+    with pytest.raises(ValueError, match=message):
+        ps.flops_of(ps.digits_vit().config, keep_counts)
