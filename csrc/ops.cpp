@@ -18,4 +18,18 @@ TORCH_LIBRARY(patchslim, m) {
   m.def(
       "prefix_layer_norm_backward(Tensor grad_out, Tensor input, SymInt n_rows, Tensor mean,"
       " Tensor rstd, Tensor weight) -> (Tensor, Tensor, Tensor)");
+
+  // Eq. 13 scores through the second-moment chain S_{l-1} = Σ_h P_hᵀ S_l[:n, :n] P_h
+  // (P = attention probabilities on the n kept rows). Not differentiable.
+  m.set_python_module("patchslim_ext.ops.scoring");
+  //   S (B, M, M) with M >= n, attn (B, H, n, N) -> (B, n_out, n_out): the top-left
+  //   n_out x n_out block of the next S (n_out = N for all of it).
+  m.def("score_chain_step(Tensor S, Tensor attn, SymInt n_out) -> Tensor");
+  //   The same step on a factor, S = Fᵀ F: F (B, R, M) with M >= n -> (B, H*R, n_out).
+  m.def("score_factor_step(Tensor F, Tensor attn, SymInt n_out) -> Tensor");
+  //   diag of the next S over all N tokens without forming it: state is S (B, M, M) or,
+  //   with factored=True, F (B, R, M); attn (B, H, n, N) -> (B, N).
+  m.def("score_chain_diagonal(Tensor state, Tensor attn, bool factored) -> Tensor");
+  //   s = s_diag * Σ_h ‖(P_h |Z|)[i, :]‖²: s_diag (B, N), attn (B, H, N, N), z_in (B, N, C) -> (B, N).
+  m.def("patch_scores(Tensor s_diag, Tensor attn, Tensor z_in) -> Tensor");
 }

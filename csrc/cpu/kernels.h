@@ -48,6 +48,30 @@ struct LayerNormBackwardArgs {
   int64_t channels;
 };
 
+// out[b, i] = Σ_k x[b, k, i] · y[b, k, i]: a column reduction, (B, K, N) -> (B, N).
+template <typename T>
+struct ColumnDotArgs {
+  const T* x;
+  const T* y;
+  T* out;  // (B, N) contiguous
+  int64_t rows;  // K
+  int64_t cols;  // N, contiguous in x and y
+  int64_t x_batch_stride, x_row_stride;
+  int64_t y_batch_stride, y_row_stride;
+};
+
+// out[b, i] = scale[b, i] · Σ_h Σ_d x[b, h, i, d] · y[b, h, i, d]: (B, H, N, D) -> (B, N).
+template <typename T>
+struct RowDotArgs {
+  const T* x;
+  const T* y;
+  const T* scale;  // (B, N) contiguous
+  T* out;          // (B, N) contiguous
+  int64_t heads, tokens, depth;  // H, N, D (D contiguous in x and y)
+  int64_t x_strides[3];  // batch, head, token
+  int64_t y_strides[3];
+};
+
 // One ISA's kernels. Each processes rows [begin, end).
 template <typename T>
 struct CpuKernels {
@@ -56,6 +80,10 @@ struct CpuKernels {
   // grad_bias (each of `channels`), which the caller owns per chunk.
   void (*layer_norm_backward)(const LayerNormBackwardArgs<T>&, int64_t begin, int64_t end,
                               T* grad_weight, T* grad_bias);
+  // Batches [begin, end).
+  void (*column_dot)(const ColumnDotArgs<T>&, int64_t begin, int64_t end);
+  // Rows r = b * N + i in [begin, end).
+  void (*row_dot)(const RowDotArgs<T>&, int64_t begin, int64_t end);
 };
 
 namespace scalar {

@@ -9,30 +9,18 @@
 #include <torch/library.h>
 
 #include <algorithm>
-#include <stdexcept>
 #include <tuple>
 
 #include "common/prefix_layer_norm_checks.h"
+#include "cpu/cpu_dispatch.h"
 #include "cpu/kernels.h"
 
 namespace patchslim {
 namespace {
 
-// Enough elements per task that thread start-up stays small against the work.
-constexpr int64_t kElementsPerTask = 32768;
-
-CpuIsa checked_cpu_isa() {
-  try {
-    return active_cpu_isa();
-  } catch (const std::invalid_argument& e) {
-    TORCH_CHECK(false, e.what());
-  }
-}
-
-void check_cpu_dtype(const at::Tensor& input, const char* op) {
-  TORCH_CHECK(input.scalar_type() == at::kFloat || input.scalar_type() == at::kDouble, op,
-              ": CPU supports float32 and float64 inputs, got ", input.scalar_type());
-}
+using cpu::check_cpu_dtype;
+using cpu::checked_cpu_isa;
+using cpu::kElementsPerTask;
 
 template <typename T>
 cpu::RowView<T> row_view(T* data, const at::Tensor& t, int64_t rows_per_batch) {

@@ -21,14 +21,45 @@ Tensor mean, Tensor rstd, Tensor weight) -> (Tensor grad_input, Tensor grad_weig
 Tensor grad_bias)``
     Backward of ``prefix_layer_norm``: ``grad_out`` (B, n_rows, C) to ``grad_input``
     (B, N, C; rows ``>= n_rows`` are zero), ``grad_weight`` and ``grad_bias`` (C,).
+
+Scoring (paper Eq. 13, DESIGN.md §4). ``attn`` is always (B, H, n, N): block l's
+attention probabilities on its n kept rows (prefix order), against all N tokens.
+The chain state is ``S_l`` (B, M, M) or a factor ``F`` (B, R, M) with ``S_l = Fᵀ F``;
+only its first ``n <= M`` rows/columns are read. dtypes: CPU float32/float64, CUDA
+float32. Not differentiable.
+
+``patchslim::score_chain_step(Tensor S, Tensor attn, SymInt n_out) -> Tensor``
+    (B, n_out, n_out): the top-left block of ``S_{l-1} = Σ_h P_hᵀ S[:n, :n] P_h``.
+
+``patchslim::score_factor_step(Tensor F, Tensor attn, SymInt n_out) -> Tensor``
+    (B, H·R, n_out): the factor of that block, rows ``h·R + r`` = ``(F[:, :n] P_h)[r]``.
+
+``patchslim::score_chain_diagonal(Tensor state, Tensor attn, bool factored) -> Tensor``
+    (B, N): ``diag(S_{l-1})`` over all tokens, without forming ``S_{l-1}``.
+
+``patchslim::patch_scores(Tensor s_diag, Tensor attn, Tensor z_in) -> Tensor``
+    (B, N): ``s_diag ⊙ Σ_h ‖(P_h |Z|)[i, :]‖²`` with ``attn`` (B, H, N, N) and ``z_in`` (B, N, C).
 """
 
 import torch  # noqa: F401  (loads libtorch before the extension that links it)
 
 from patchslim_ext import _C
 from patchslim_ext.ops.layer_norm import prefix_layer_norm
+from patchslim_ext.ops.scoring import (
+    patch_scores,
+    score_chain_diagonal,
+    score_chain_step,
+    score_factor_step,
+)
 
-__all__ = ["cpu_isa", "prefix_layer_norm"]
+__all__ = [
+    "cpu_isa",
+    "patch_scores",
+    "prefix_layer_norm",
+    "score_chain_diagonal",
+    "score_chain_step",
+    "score_factor_step",
+]
 
 
 def cpu_isa() -> str:
