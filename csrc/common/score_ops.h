@@ -5,6 +5,7 @@
 // The reductions that follow them are each backend's own kernels.
 
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/abs.h>
 #include <ATen/ops/bmm.h>
 #include <ATen/ops/matmul.h>
 #include <c10/util/Exception.h>
@@ -76,6 +77,78 @@ inline at::Tensor chain_step(const at::Tensor& S, const at::Tensor& attn, int64_
   const auto T = chain_products(S, attn, n_out).reshape({attn.size(0), rows, n_out});
   const auto P = attn.narrow(3, 0, n_out).reshape({attn.size(0), rows, n_out});
   return at::bmm(P.transpose(1, 2), T);
+}
+
+// The four ops, written once. `Backend` supplies the reductions:
+//   static void check_dtype(const at::Tensor&, const char* op);
+//   static at::Tensor column_dot(x (B, K, N), y (B, K, N));           // Σ_k x·y -> (B, N)
+//   static at::Tensor row_dot(x (B, H, N, D), y (B, H, N, D), scale);  // scale·Σ_h Σ_d x·y -> (B, N)
+// Both take inputs whose last dimension is contiguous.
+template <typename Backend>
+at::Tensor score_chain_step(const at::Tensor& S, const at::Tensor& attn, int64_t n_out) {
+  constexpr const char* op = "score_chain_step";
+  check_attn(attn, op);
+  check_state(S, attn, /*factored=*/false, op);
+  check_n_out(n_out, attn, op);
+  Backend::check_dtype(attn, op);
+  return chain_step(S, attn, n_out);
+}
+
+template <typename Backend>
+at::Tensor score_factor_step(const at::Tensor& F, const at::Tensor& attn, int64_t n_out) {
+  constexpr const char* op = "score_factor_step";
+  check_attn(attn, op);
+  check_state(F, attn, /*factored=*/true, op);
+  check_n_out(n_out, attn, op);
+  Backend::check_dtype(attn, op);
+  return factor_products(F, attn, n_out);
+}
+
+template <typename Backend>
+at::Tensor score_chain_diagonal(const at::Tensor& state, const at::Tensor& attn, bool factored) {
+  constexpr const char* op = "score_chain_diagonal";
+  check_attn(attn, op);
+  check_state(state, attn, factored, op);
+  Backend::check_dtype(attn, op);
+  const int64_t N = attn.size(3);
+  if (factored) {
+    const auto G = factor_products(state, attn, N);
+    return Backend::column_dot(G, G);
+  }
+  const int64_t B = attn.size(0);
+  const int64_t rows = stacked_rows(attn);
+  const auto T = chain_products(state, attn, N).reshape({B, rows, N});
+  return Backend::column_dot(attn.contiguous().view({B, rows, N}), T);
+}
+
+template <typename Backend>
+at::Tensor patch_scores(const at::Tensor& s_diag, const at::Tensor& attn, const at::Tensor& z_in) {
+  constexpr const char* op = "patch_scores";
+  check_attn(attn, op);
+  Backend::check_dtype(attn, op);
+  const int64_t B = attn.size(0);
+  const int64_t H = attn.size(1);
+  const int64_t N = attn.size(3);
+  TORCH_CHECK(attn.size(2) == N, op, ": attn must be block t's full map (B, H, N, N), got ",
+              attn.sizes());
+  TORCH_CHECK(s_diag.dim() == 2 && s_diag.size(0) == B && s_diag.size(1) == N, op,
+              ": s_diag must have shape (B, N) = (", B, ", ", N, "), got ", s_diag.sizes());
+  TORCH_CHECK(z_in.dim() == 3 && z_in.size(0) == B && z_in.size(1) == N, op,
+              ": z_in must have shape (B, N, C) with (B, N) = (", B, ", ", N, "), got ",
+              z_in.sizes());
+  check_same(s_diag, attn, op, "s_diag");
+  check_same(z_in, attn, op, "z_in");
+  const int64_t C = z_in.size(2);
+  const auto z_abs = at::abs(z_in);
+  // Σ_h ‖P_h[i] |Z|‖² directly costs H·N²·C; through the Gram matrix G = |Z||Z|ᵀ
+  // it is Σ_h p_iᵀ G p_i, costing N²·C + H·N³. Take the cheaper.
+  if (N * C + H * N * N < H * N * C) {
+    const auto gram = at::bmm(z_abs, z_abs.transpose(1, 2));
+    const auto weighted = at::matmul(attn, gram.unsqueeze(1));
+    return Backend::row_dot(weighted, attn.stride(3) == 1 ? attn : attn.contiguous(), s_diag);
+  }
+  const auto U = at::matmul(attn, z_abs.unsqueeze(1));
+  return Backend::row_dot(U, U, s_diag);
 }
 
 }  // namespace patchslim::scoring

@@ -35,4 +35,16 @@ cudaError_t prefix_layer_norm_backward(const T* grad_output, RowView<const T> in
                                        RowView<T> grad_input, float* grad_weight, float* grad_bias,
                                        int64_t rows, int64_t channels, cudaStream_t stream);
 
+// out[b, i] = Σ_k x[b, k, i] · y[b, k, i]; x, y (B, K, N) with a contiguous last dim,
+// out (B, N) contiguous. float32.
+cudaError_t column_dot(const float* x, const float* y, float* out, int64_t batch, int64_t rows,
+                       int64_t cols, int64_t x_batch_stride, int64_t x_row_stride,
+                       int64_t y_batch_stride, int64_t y_row_stride, cudaStream_t stream);
+
+// out[b, i] = scale[b, i] · Σ_h Σ_d x[b, h, i, d] · y[b, h, i, d]; x, y (B, H, N, D) with
+// a contiguous last dim (strides: batch, head, token), scale and out (B, N) contiguous.
+cudaError_t row_dot(const float* x, const float* y, const float* scale, float* out, int64_t batch,
+                    int64_t heads, int64_t tokens, int64_t depth, const int64_t x_strides[3],
+                    const int64_t y_strides[3], cudaStream_t stream);
+
 }  // namespace patchslim::cuda
