@@ -158,8 +158,8 @@ def test_accumulator_without_batches():
     ("mutate", "message"),
     [
         (lambda a, z, k: (a[:-1], z, k), "one map per entry of keep_counts"),
-        (lambda a, z, k: ([a[0][:, :, :3]] + a[1:], z, k), r"attn\[0\] must be block t's full map"),
-        (lambda a, z, k: ([a[0][:0]] + a[1:], z, k), "empty batch"),
+        (lambda a, z, k: ([a[0][:, :, :3], *a[1:]], z, k), r"attn\[0\] must be block t's full map"),
+        (lambda a, z, k: ([a[0][:0], *a[1:]], z, k), "empty batch"),
         (lambda a, z, k: (a, z[:, :4], k), r"z_in must have shape \(B, N, C\) = \(2, 6, C\)"),
         (lambda a, z, k: (a, z, [4, 3, 2]), r"attn\[2\] must have shape"),
         (lambda a, z, k: (a, z, [4, 5, 1]), r"keep_counts\[1\] must be in \[1, 4\]"),
