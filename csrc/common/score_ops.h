@@ -1,13 +1,12 @@
 #pragma once
 
 // The ATen side of the scoring ops, shared by the CPU and CUDA backends: argument
-// checks and the GEMM-shaped products (MKL/oneDNN or cuBLAS through at::matmul).
+// checks and the GEMM-shaped products (MKL/oneDNN or cuBLAS through at::bmm).
 // The reductions that follow them are each backend's own kernels.
 
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/abs.h>
 #include <ATen/ops/bmm.h>
-#include <ATen/ops/matmul.h>
 #include <c10/util/Exception.h>
 
 namespace patchslim::scoring {
@@ -55,28 +54,53 @@ inline void check_n_out(int64_t n_out, const at::Tensor& attn, const char* op) {
               "], got ", n_out);
 }
 
-// H*n: the kept rows of every head stacked, the K of the head-summed GEMMs.
-inline int64_t stacked_rows(const at::Tensor& attn) { return attn.size(1) * attn.size(2); }
-
-// T_h = S[:n, :n] P_h[:, :cols] for every head: (B, H, n, cols).
-inline at::Tensor chain_products(const at::Tensor& S, const at::Tensor& attn, int64_t cols) {
-  const int64_t n = attn.size(2);
-  return at::matmul(S.narrow(1, 0, n).narrow(2, 0, n).unsqueeze(1), attn.narrow(3, 0, cols));
+// attn[..., :cols] laid out as (B, n, H, cols), heads inside rows: one copy that
+// turns the per-head products into two large GEMMs,
+//   S[:n, :n] · [P_1 | … | P_H]       (M = n, K = n, N = H·cols), and
+//   Σ_h P_hᵀ T_h over K = n·H          (the (n, H) rows of both operands merge),
+// instead of B·H small ones with S broadcast over the heads.
+inline at::Tensor heads_inner(const at::Tensor& attn, int64_t cols) {
+  return attn.narrow(3, 0, cols).permute({0, 2, 1, 3}).contiguous();
 }
 
-// (F[:, :, :n] P_h[:, :cols]) for every head, stacked along the rows: (B, H*R, cols).
+// (B, n, H, cols) as (B, n, H·cols): the heads side by side, a view.
+inline at::Tensor merge_columns(const at::Tensor& inner) {
+  return inner.view({inner.size(0), inner.size(1), inner.size(2) * inner.size(3)});
+}
+
+// T = S[:n, :n] [P_1 | … | P_H] as (B, n, H, cols); `inner` is heads_inner(attn, cols).
+inline at::Tensor chain_products(const at::Tensor& S, const at::Tensor& inner) {
+  const int64_t n = inner.size(1);
+  return at::bmm(S.narrow(1, 0, n).narrow(2, 0, n), merge_columns(inner)).view(inner.sizes());
+}
+
+// Rows (n, H) of a (B, n, H, cols) tensor merged: (B, n·H, cols), a view.
+inline at::Tensor merge_rows(const at::Tensor& t) {
+  return t.view({t.size(0), t.size(1) * t.size(2), t.size(3)});
+}
+
+// F[:, :, :n] [P_1 | … | P_H]: (B, R·H, cols), rows (r, h); S = Fᵀ F is unchanged by
+// the order of the rows.
 inline at::Tensor factor_products(const at::Tensor& F, const at::Tensor& attn, int64_t cols) {
-  const int64_t n = attn.size(2);
-  const auto G = at::matmul(F.narrow(2, 0, n).unsqueeze(1), attn.narrow(3, 0, cols));
-  return G.reshape({attn.size(0), attn.size(1) * F.size(1), cols});
+  const auto inner = heads_inner(attn, cols);
+  const auto G = at::bmm(F.narrow(2, 0, inner.size(1)), merge_columns(inner));
+  return G.view({inner.size(0), F.size(1) * inner.size(2), cols});
 }
 
-// Σ_h P_h[:, :n_out]ᵀ T_h as one GEMM over all heads: K = H*n.
+// Σ_h P_h[:, :n_out]ᵀ S[:n, :n] P_h[:, :n_out].
 inline at::Tensor chain_step(const at::Tensor& S, const at::Tensor& attn, int64_t n_out) {
-  const auto rows = stacked_rows(attn);
-  const auto T = chain_products(S, attn, n_out).reshape({attn.size(0), rows, n_out});
-  const auto P = attn.narrow(3, 0, n_out).reshape({attn.size(0), rows, n_out});
-  return at::bmm(P.transpose(1, 2), T);
+  const auto inner = heads_inner(attn, n_out);
+  const auto T = chain_products(S, inner);
+  return at::bmm(merge_rows(inner).transpose(1, 2), merge_rows(T));
+}
+
+// (B, H, N, N) maps times a per-image (B, N, D) matrix, one bmm over the stacked
+// (h, i) rows: (B, H, N, D).
+inline at::Tensor per_head_products(const at::Tensor& attn, const at::Tensor& right) {
+  const int64_t B = attn.size(0);
+  const int64_t H = attn.size(1);
+  const int64_t N = attn.size(2);
+  return at::bmm(attn.reshape({B, H * N, attn.size(3)}), right).view({B, H, N, right.size(2)});
 }
 
 // The four ops, written once. `Backend` supplies the reductions:
@@ -115,10 +139,8 @@ at::Tensor score_chain_diagonal(const at::Tensor& state, const at::Tensor& attn,
     const auto G = factor_products(state, attn, N);
     return Backend::column_dot(G, G);
   }
-  const int64_t B = attn.size(0);
-  const int64_t rows = stacked_rows(attn);
-  const auto T = chain_products(state, attn, N).reshape({B, rows, N});
-  return Backend::column_dot(attn.contiguous().view({B, rows, N}), T);
+  const auto inner = heads_inner(attn, N);
+  return Backend::column_dot(merge_rows(inner), merge_rows(chain_products(state, inner)));
 }
 
 template <typename Backend>
@@ -143,11 +165,10 @@ at::Tensor patch_scores(const at::Tensor& s_diag, const at::Tensor& attn, const 
   // Σ_h ‖P_h[i] |Z|‖² directly costs H·N²·C; through the Gram matrix G = |Z||Z|ᵀ
   // it is Σ_h p_iᵀ G p_i, costing N²·C + H·N³. Take the cheaper.
   if (N * C + H * N * N < H * N * C) {
-    const auto gram = at::bmm(z_abs, z_abs.transpose(1, 2));
-    const auto weighted = at::matmul(attn, gram.unsqueeze(1));
+    const auto weighted = per_head_products(attn, at::bmm(z_abs, z_abs.transpose(1, 2)));
     return Backend::row_dot(weighted, attn.stride(3) == 1 ? attn : attn.contiguous(), s_diag);
   }
-  const auto U = at::matmul(attn, z_abs.unsqueeze(1));
+  const auto U = per_head_products(attn, z_abs);
   return Backend::row_dot(U, U, s_diag);
 }
 
