@@ -72,6 +72,48 @@ struct RowDotArgs {
   int64_t y_strides[3];
 };
 
+// Row-wise kernels of the pruned block; every row has `cols` contiguous elements.
+template <typename T>
+struct SoftmaxArgs {
+  RowView<T> scores;  // in: logits; out: probabilities (in place)
+  int64_t cols;
+  T scale;  // applied to the logits first
+};
+
+template <typename T>
+struct SoftmaxBackwardArgs {
+  RowView<const T> probs;
+  RowView<T> grad;  // in: dL/dP; out: dL/dlogits, times the forward's scale
+  int64_t cols;
+  T scale;
+};
+
+// h = GELU(h + bias) in place (exact GELU, x·Φ(x)).
+template <typename T>
+struct BiasGeluArgs {
+  RowView<T> hidden;
+  const T* bias;
+  int64_t cols;
+};
+
+// grad *= GELU'(pre + bias), in place.
+template <typename T>
+struct BiasGeluBackwardArgs {
+  RowView<const T> pre;
+  const T* bias;
+  RowView<T> grad;
+  int64_t cols;
+};
+
+// out += bias + residual.
+template <typename T>
+struct BiasResidualArgs {
+  RowView<T> out;
+  const T* bias;
+  RowView<const T> residual;
+  int64_t cols;
+};
+
 // One ISA's kernels. Each processes rows [begin, end).
 template <typename T>
 struct CpuKernels {
@@ -84,6 +126,11 @@ struct CpuKernels {
   void (*column_dot)(const ColumnDotArgs<T>&, int64_t begin, int64_t end);
   // Rows r = b * N + i in [begin, end).
   void (*row_dot)(const RowDotArgs<T>&, int64_t begin, int64_t end);
+  void (*softmax)(const SoftmaxArgs<T>&, int64_t begin, int64_t end);
+  void (*softmax_backward)(const SoftmaxBackwardArgs<T>&, int64_t begin, int64_t end);
+  void (*bias_gelu)(const BiasGeluArgs<T>&, int64_t begin, int64_t end);
+  void (*bias_gelu_backward)(const BiasGeluBackwardArgs<T>&, int64_t begin, int64_t end);
+  void (*bias_residual)(const BiasResidualArgs<T>&, int64_t begin, int64_t end);
 };
 
 namespace scalar {

@@ -14,16 +14,16 @@
 #include "common/prefix_layer_norm_checks.h"
 #include "cpu/cpu_dispatch.h"
 #include "cpu/kernels.h"
+#include "cpu/prefix_layer_norm.h"
 
 namespace patchslim {
+namespace cpu {
 namespace {
 
-using cpu::check_cpu_dtype;
-using cpu::checked_cpu_isa;
-using cpu::kElementsPerTask;
+
 
 template <typename T>
-cpu::RowView<T> row_view(T* data, const at::Tensor& t, int64_t rows_per_batch) {
+RowView<T> row_view(T* data, const at::Tensor& t, int64_t rows_per_batch) {
   return {data, t.stride(0), t.stride(1), rows_per_batch};
 }
 
@@ -31,6 +31,8 @@ cpu::RowView<T> row_view(T* data, const at::Tensor& t, int64_t rows_per_batch) {
 at::Tensor with_contiguous_channels(const at::Tensor& t) {
   return t.stride(2) == 1 ? t : t.contiguous();
 }
+
+}  // namespace
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> prefix_layer_norm_cpu(const at::Tensor& input_arg,
                                                                       int64_t n_rows,
@@ -53,7 +55,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> prefix_layer_norm_cpu(const at::T
   const CpuIsa isa = checked_cpu_isa();
 
   AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "prefix_layer_norm_cpu", [&] {
-    const cpu::LayerNormForwardArgs<scalar_t> args{
+    const LayerNormForwardArgs<scalar_t> args{
         row_view(input.const_data_ptr<scalar_t>(), input, n_rows),
         output.mutable_data_ptr<scalar_t>(),
         mean.mutable_data_ptr<scalar_t>(),
@@ -62,7 +64,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> prefix_layer_norm_cpu(const at::T
         bias.const_data_ptr<scalar_t>(),
         C,
         static_cast<scalar_t>(eps)};
-    const auto& kernels = cpu::kernels_for<scalar_t>(isa);
+    const auto& kernels = kernels_for<scalar_t>(isa);
     at::parallel_for(0, B * n_rows, std::max<int64_t>(1, kElementsPerTask / C),
                      [&](int64_t begin, int64_t end) { kernels.layer_norm_forward(args, begin, end); });
   });
@@ -102,7 +104,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> prefix_layer_norm_backward_cpu(
   auto partials = at::zeros({num_chunks, 2, C}, input.options());
 
   AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "prefix_layer_norm_backward_cpu", [&] {
-    const cpu::LayerNormBackwardArgs<scalar_t> args{
+    const LayerNormBackwardArgs<scalar_t> args{
         grad_out.const_data_ptr<scalar_t>(),
         row_view(input.const_data_ptr<scalar_t>(), input, n_rows),
         mean.const_data_ptr<scalar_t>(),
@@ -110,7 +112,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> prefix_layer_norm_backward_cpu(
         weight.const_data_ptr<scalar_t>(),
         row_view(grad_input.mutable_data_ptr<scalar_t>(), grad_input, n_rows),
         C};
-    const auto& kernels = cpu::kernels_for<scalar_t>(isa);
+    const auto& kernels = kernels_for<scalar_t>(isa);
     scalar_t* partial = partials.mutable_data_ptr<scalar_t>();
     at::parallel_for(0, num_chunks, 1, [&](int64_t chunk_begin, int64_t chunk_end) {
       for (int64_t chunk = chunk_begin; chunk < chunk_end; ++chunk) {
@@ -124,11 +126,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> prefix_layer_norm_backward_cpu(
   return {grad_input, partials.select(1, 0).sum(0), partials.select(1, 1).sum(0)};
 }
 
-}  // namespace
-
 TORCH_LIBRARY_IMPL(patchslim, CPU, m) {
   m.impl("prefix_layer_norm", &prefix_layer_norm_cpu);
   m.impl("prefix_layer_norm_backward", &prefix_layer_norm_backward_cpu);
 }
 
+}  // namespace cpu
 }  // namespace patchslim

@@ -33,6 +33,32 @@ struct Vec<float> {
   Vec operator-(Vec b) const { return {_mm512_sub_ps(v, b.v)}; }
   Vec operator*(Vec b) const { return {_mm512_mul_ps(v, b.v)}; }
   static Vec fma(Vec a, Vec b, Vec c) { return {_mm512_fmadd_ps(a.v, b.v, c.v)}; }
+  Vec max(Vec b) const { return {_mm512_max_ps(v, b.v)}; }
+  Vec operator/(Vec b) const { return {_mm512_div_ps(v, b.v)}; }
+  float reduce_max() const { return _mm512_reduce_max_ps(v); }
+  Vec abs() const { return {_mm512_abs_ps(v)}; }
+  // cond >= 0 ? a : b, lane by lane.
+  static Vec where_nonneg(Vec cond, Vec a, Vec b) {
+    return {_mm512_mask_blend_ps(_mm512_cmp_ps_mask(cond.v, _mm512_setzero_ps(), _CMP_GE_OQ), b.v, a.v)};
+  }
+  // e^x: x = k·ln2 + r with |r| <= ln2/2, e^r by its degree-6 Taylor polynomial
+  // (relative error < 2e-7 on that interval), then scaled by 2^k.
+  static Vec exp(Vec x) {
+    const __m512 clamped = _mm512_max_ps(_mm512_min_ps(x.v, _mm512_set1_ps(88.3762626647949f)),
+                                         _mm512_set1_ps(-87.3365447504019f));
+    const __m512 k = _mm512_roundscale_ps(_mm512_mul_ps(clamped, _mm512_set1_ps(1.44269504088896341f)),
+                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fnmadd_ps(k, _mm512_set1_ps(0.693359375f), clamped);
+    r = _mm512_fnmadd_ps(k, _mm512_set1_ps(-2.12194440e-4f), r);
+    __m512 p = _mm512_set1_ps(1.0f / 720);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 120));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+    return {_mm512_scalef_ps(p, k)};
+  }
   static __mmask16 lane_mask(int64_t count) { return static_cast<__mmask16>((1u << count) - 1u); }
 };
 
@@ -53,6 +79,9 @@ struct Vec<double> {
   Vec operator-(Vec b) const { return {_mm512_sub_pd(v, b.v)}; }
   Vec operator*(Vec b) const { return {_mm512_mul_pd(v, b.v)}; }
   static Vec fma(Vec a, Vec b, Vec c) { return {_mm512_fmadd_pd(a.v, b.v, c.v)}; }
+  Vec max(Vec b) const { return {_mm512_max_pd(v, b.v)}; }
+  Vec operator/(Vec b) const { return {_mm512_div_pd(v, b.v)}; }
+  double reduce_max() const { return _mm512_reduce_max_pd(v); }
   static __mmask8 lane_mask(int64_t count) { return static_cast<__mmask8>((1u << count) - 1u); }
 };
 
@@ -88,6 +117,37 @@ struct Vec<float> {
   Vec operator-(Vec b) const { return {_mm256_sub_ps(v, b.v)}; }
   Vec operator*(Vec b) const { return {_mm256_mul_ps(v, b.v)}; }
   static Vec fma(Vec a, Vec b, Vec c) { return {_mm256_fmadd_ps(a.v, b.v, c.v)}; }
+  Vec max(Vec b) const { return {_mm256_max_ps(v, b.v)}; }
+  Vec operator/(Vec b) const { return {_mm256_div_ps(v, b.v)}; }
+  Vec abs() const { return {_mm256_andnot_ps(_mm256_set1_ps(-0.0f), v)}; }
+  static Vec where_nonneg(Vec cond, Vec a, Vec b) {
+    return {_mm256_blendv_ps(b.v, a.v, _mm256_cmp_ps(cond.v, _mm256_setzero_ps(), _CMP_GE_OQ))};
+  }
+  float reduce_max() const {
+    alignas(32) float lanes[size];
+    _mm256_store_ps(lanes, v);
+    float best = lanes[0];
+    for (int64_t i = 1; i < size; ++i) best = lanes[i] > best ? lanes[i] : best;
+    return best;
+  }
+  // As the AVX-512 version; 2^k is built in the exponent bits.
+  static Vec exp(Vec x) {
+    const __m256 clamped = _mm256_max_ps(_mm256_min_ps(x.v, _mm256_set1_ps(88.3762626647949f)),
+                                         _mm256_set1_ps(-87.3365447504019f));
+    const __m256 k = _mm256_round_ps(_mm256_mul_ps(clamped, _mm256_set1_ps(1.44269504088896341f)),
+                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256 r = _mm256_fnmadd_ps(k, _mm256_set1_ps(0.693359375f), clamped);
+    r = _mm256_fnmadd_ps(k, _mm256_set1_ps(-2.12194440e-4f), r);
+    __m256 p = _mm256_set1_ps(1.0f / 720);
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 120));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 24));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 6));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.5f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
+    const __m256i scale = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(k), _mm256_set1_epi32(127)), 23);
+    return {_mm256_mul_ps(p, _mm256_castsi256_ps(scale))};
+  }
 };
 
 template <>
@@ -116,6 +176,15 @@ struct Vec<double> {
   Vec operator-(Vec b) const { return {_mm256_sub_pd(v, b.v)}; }
   Vec operator*(Vec b) const { return {_mm256_mul_pd(v, b.v)}; }
   static Vec fma(Vec a, Vec b, Vec c) { return {_mm256_fmadd_pd(a.v, b.v, c.v)}; }
+  Vec max(Vec b) const { return {_mm256_max_pd(v, b.v)}; }
+  Vec operator/(Vec b) const { return {_mm256_div_pd(v, b.v)}; }
+  double reduce_max() const {
+    alignas(32) double lanes[size];
+    _mm256_store_pd(lanes, v);
+    double best = lanes[0];
+    for (int64_t i = 1; i < size; ++i) best = lanes[i] > best ? lanes[i] : best;
+    return best;
+  }
 };
 
 #else  // PATCHSLIM_ISA_SCALAR: the reference path, one lane.
@@ -135,6 +204,9 @@ struct Vec {
   Vec operator-(Vec b) const { return {v - b.v}; }
   Vec operator*(Vec b) const { return {v * b.v}; }
   static Vec fma(Vec a, Vec b, Vec c) { return {a.v * b.v + c.v}; }
+  Vec max(Vec b) const { return {v > b.v ? v : b.v}; }
+  Vec operator/(Vec b) const { return {v / b.v}; }
+  T reduce_max() const { return v; }
 };
 
 #endif

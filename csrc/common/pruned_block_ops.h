@@ -1,0 +1,332 @@
+#pragma once
+
+// The pruned transformer block (paper Eq. 2, DESIGN.md §3), written once for every
+// backend. Block l updates only its kept rows [0, n) of x (B, N, C); keys and
+// values come from all N rows; the other rows pass through.
+//
+//   MSA:  out = x[:, :n] + Proj(softmax(Q Kᵀ/√d) V),  Q = LN1(x)[:, :n] Wq,  K, V = LN1(x) Wk, Wv
+//   MLP:  out = x + FC2(GELU(FC1(LN2(x))))            on the kept rows x (B, n, C)
+//
+// GEMMs are ATen's; LayerNorm, the softmax, bias+GELU and bias+residual are the
+// backend's kernels. `Backend` supplies (all in place where named with _):
+//   check_dtype(t, op)
+//   layer_norm(x (B, R, C), weight, bias, eps) -> (y, mean, rstd)
+//   layer_norm_backward(grad (B, R, C), x, mean, rstd, weight) -> (dx, dweight, dbias)
+//   softmax_(scores (B, H, n, N), scale)                     p = softmax(scale·s)
+//   softmax_backward_(grad (B, H, n, N), probs, scale)       dP -> scale·dlogits
+//   bias_gelu_(h (B, n, D), bias)                            h = GELU(h + bias)
+//   bias_gelu_backward_(grad (B, n, D), pre, bias)           grad *= GELU'(pre + bias)
+//   bias_residual_(out (B, n, C), bias, residual (B, n, C))  out += bias + residual
+// Backward ops recompute LN and the input projections from the inputs (the
+// forward keeps only the attention probabilities), trading one GEMM for memory.
+
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/cat.h>
+#include <ATen/ops/linear.h>
+#include <ATen/ops/matmul.h>
+#include <ATen/ops/mm.h>
+#include <c10/util/Exception.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <tuple>
+
+namespace patchslim::block {
+
+inline void check_param(const at::Tensor& t, const at::Tensor& x, at::IntArrayRef shape,
+                        const char* op, const char* name, const char* shape_text) {
+  TORCH_CHECK(t.sizes() == shape, op, ": ", name, " must have shape ", shape_text, " = ", shape,
+              ", got ", t.sizes());
+  TORCH_CHECK(t.scalar_type() == x.scalar_type(), op, ": ", name, " must have x's dtype ",
+              x.scalar_type(), ", got ", t.scalar_type());
+  TORCH_CHECK(t.device() == x.device(), op, ": ", name, " must be on x's device ", x.device(),
+              ", got ", t.device());
+}
+
+struct MsaParams {
+  const at::Tensor& ln_weight;
+  const at::Tensor& ln_bias;
+  const at::Tensor& qkv_weight;
+  const at::Tensor& qkv_bias;
+  const at::Tensor& proj_weight;
+  const at::Tensor& proj_bias;
+};
+
+struct MlpParams {
+  const at::Tensor& ln_weight;
+  const at::Tensor& ln_bias;
+  const at::Tensor& fc1_weight;
+  const at::Tensor& fc1_bias;
+  const at::Tensor& fc2_weight;
+  const at::Tensor& fc2_bias;
+};
+
+inline void check_msa(const at::Tensor& x, int64_t n_keep, int64_t num_heads, const MsaParams& p,
+                      const char* op) {
+  TORCH_CHECK(x.dim() == 3, op, ": x must have shape (B, N, C), got ", x.sizes());
+  TORCH_CHECK(at::isFloatingType(x.scalar_type()), op, ": x must be floating point, got ",
+              x.scalar_type());
+  const int64_t N = x.size(1);
+  const int64_t C = x.size(2);
+  TORCH_CHECK(n_keep >= 1 && n_keep <= N, op, ": n_keep must be in [1, N=", N, "], got ", n_keep);
+  TORCH_CHECK(num_heads >= 1 && C % num_heads == 0, op, ": C=", C,
+              " must be divisible by num_heads=", num_heads);
+  check_param(p.ln_weight, x, {C}, op, "ln_weight", "(C,)");
+  check_param(p.ln_bias, x, {C}, op, "ln_bias", "(C,)");
+  check_param(p.qkv_weight, x, {3 * C, C}, op, "qkv_weight", "(3C, C)");
+  check_param(p.qkv_bias, x, {3 * C}, op, "qkv_bias", "(3C,)");
+  check_param(p.proj_weight, x, {C, C}, op, "proj_weight", "(C, C)");
+  check_param(p.proj_bias, x, {C}, op, "proj_bias", "(C,)");
+}
+
+inline void check_mlp(const at::Tensor& x, const MlpParams& p, const char* op) {
+  TORCH_CHECK(x.dim() == 3, op, ": x must have shape (B, n, C), got ", x.sizes());
+  TORCH_CHECK(at::isFloatingType(x.scalar_type()), op, ": x must be floating point, got ",
+              x.scalar_type());
+  const int64_t C = x.size(2);
+  TORCH_CHECK(p.fc1_weight.dim() == 2, op, ": fc1_weight must have shape (D, C), got ",
+              p.fc1_weight.sizes());
+  const int64_t D = p.fc1_weight.size(0);
+  check_param(p.ln_weight, x, {C}, op, "ln_weight", "(C,)");
+  check_param(p.ln_bias, x, {C}, op, "ln_bias", "(C,)");
+  check_param(p.fc1_weight, x, {D, C}, op, "fc1_weight", "(D, C)");
+  check_param(p.fc1_bias, x, {D}, op, "fc1_bias", "(D,)");
+  check_param(p.fc2_weight, x, {C, D}, op, "fc2_weight", "(C, D)");
+  check_param(p.fc2_bias, x, {C}, op, "fc2_bias", "(C,)");
+}
+
+// (B, R, H·d) <-> (B, H, R, d) views.
+inline at::Tensor split_heads(const at::Tensor& t, int64_t heads) {
+  return t.view({t.size(0), t.size(1), heads, t.size(2) / heads}).transpose(1, 2);
+}
+inline at::Tensor merge_heads(const at::Tensor& t) {
+  return t.transpose(1, 2).reshape({t.size(0), t.size(2), t.size(1) * t.size(3)});
+}
+
+// Σ over the leading dims of (…, K) grad times (…, M) input: (K, M).
+inline at::Tensor weight_grad(const at::Tensor& grad, const at::Tensor& input) {
+  return at::mm(grad.reshape({-1, grad.size(-1)}).t(), input.reshape({-1, input.size(-1)}));
+}
+
+// Everything the attention forward and backward share: normalised x, Q, K, V.
+struct MsaActivations {
+  at::Tensor normed, mean, rstd, q, k, v;  // q: (B, H, n, d); k, v: (B, H, N, d)
+};
+
+template <typename Backend>
+MsaActivations msa_inputs(const at::Tensor& x, int64_t n_keep, int64_t num_heads, const MsaParams& p,
+                          double eps) {
+  const int64_t C = x.size(2);
+  auto [normed, mean, rstd] = Backend::layer_norm(x, p.ln_weight, p.ln_bias, eps);
+  const auto q = at::linear(normed.narrow(1, 0, n_keep), p.qkv_weight.narrow(0, 0, C),
+                            p.qkv_bias.narrow(0, 0, C));
+  const auto kv = at::linear(normed, p.qkv_weight.narrow(0, C, 2 * C), p.qkv_bias.narrow(0, C, 2 * C));
+  return {normed, mean, rstd, split_heads(q, num_heads),
+          split_heads(kv.narrow(2, 0, C), num_heads), split_heads(kv.narrow(2, C, C), num_heads)};
+}
+
+inline double attention_scale(int64_t channels, int64_t heads) {
+  return 1.0 / std::sqrt(static_cast<double>(channels / heads));
+}
+
+// (projected attention (B, n, C) without bias, probabilities (B, H, n, N)).
+template <typename Backend>
+std::tuple<at::Tensor, at::Tensor> msa_core(const at::Tensor& x, int64_t n_keep, int64_t num_heads,
+                                            const MsaParams& p, double eps) {
+  const auto a = msa_inputs<Backend>(x, n_keep, num_heads, p, eps);
+  auto probs = at::matmul(a.q, a.k.transpose(-2, -1));
+  Backend::softmax_(probs, attention_scale(x.size(2), num_heads));
+  const auto context = merge_heads(at::matmul(probs, a.v));
+  return {at::matmul(context, p.proj_weight.t()), probs};
+}
+
+template <typename Backend>
+std::tuple<at::Tensor, at::Tensor> pruned_msa(const at::Tensor& x, int64_t n_keep, int64_t num_heads,
+                                              const MsaParams& p, double eps) {
+  check_msa(x, n_keep, num_heads, p, "pruned_msa");
+  Backend::check_dtype(x, "pruned_msa");
+  auto [out, probs] = msa_core<Backend>(x, n_keep, num_heads, p, eps);
+  Backend::bias_residual_(out, p.proj_bias, x.narrow(1, 0, n_keep));
+  return {out, probs};
+}
+
+// x[:, :n] += bias + Proj(Attn(…)), in place: untouched rows are never read or written
+// after LN1.
+template <typename Backend>
+void pruned_msa_(const at::Tensor& x, int64_t n_keep, int64_t num_heads, const MsaParams& p,
+                 double eps) {
+  check_msa(x, n_keep, num_heads, p, "pruned_msa_");
+  Backend::check_dtype(x, "pruned_msa_");
+  TORCH_CHECK(x.stride(2) == 1, "pruned_msa_: x must have a contiguous channel dimension");
+  const auto [projected, probs] = msa_core<Backend>(x, n_keep, num_heads, p, eps);
+  Backend::bias_residual_(x.narrow(1, 0, n_keep), p.proj_bias, projected);
+}
+
+template <typename Backend>
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+pruned_msa_backward(const at::Tensor& grad_out_arg, const c10::optional<at::Tensor>& grad_probs,
+                    const at::Tensor& x, int64_t n_keep, int64_t num_heads, const MsaParams& p,
+                    double eps, const at::Tensor& probs) {
+  constexpr const char* op = "pruned_msa_backward";
+  check_msa(x, n_keep, num_heads, p, op);
+  Backend::check_dtype(x, op);
+  const int64_t B = x.size(0);
+  const int64_t N = x.size(1);
+  const int64_t C = x.size(2);
+  TORCH_CHECK(grad_out_arg.sizes() == at::IntArrayRef({B, n_keep, C}), op,
+              ": grad_out must have shape (B, n_keep, C) = (", B, ", ", n_keep, ", ", C, "), got ",
+              grad_out_arg.sizes());
+  TORCH_CHECK(probs.sizes() == at::IntArrayRef({B, num_heads, n_keep, N}), op,
+              ": attn must have shape (B, H, n_keep, N) = (", B, ", ", num_heads, ", ", n_keep, ", ",
+              N, "), got ", probs.sizes());
+  const auto grad_out = grad_out_arg.contiguous();
+  const auto a = msa_inputs<Backend>(x, n_keep, num_heads, p, eps);
+  const auto context = merge_heads(at::matmul(probs, a.v));
+
+  const auto grad_proj_weight = weight_grad(grad_out, context);
+  const auto grad_proj_bias = grad_out.sum({0, 1});
+  const auto grad_context = split_heads(at::matmul(grad_out, p.proj_weight), num_heads);
+  const auto grad_v = at::matmul(probs.transpose(-2, -1), grad_context);
+  auto grad_logits = at::matmul(grad_context, a.v.transpose(-2, -1));
+  if (grad_probs.has_value() && grad_probs->defined()) {
+    grad_logits.add_(*grad_probs);
+  }
+  Backend::softmax_backward_(grad_logits, probs, attention_scale(C, num_heads));
+  const auto grad_q = merge_heads(at::matmul(grad_logits, a.k));
+  const auto grad_kv = at::cat({merge_heads(at::matmul(grad_logits.transpose(-2, -1), a.q)),
+                                merge_heads(grad_v)},
+                               2);
+
+  const auto kv_weight = p.qkv_weight.narrow(0, C, 2 * C);
+  auto grad_normed = at::matmul(grad_kv, kv_weight);
+  grad_normed.narrow(1, 0, n_keep).add_(at::matmul(grad_q, p.qkv_weight.narrow(0, 0, C)));
+  const auto grad_qkv_weight = at::cat(
+      {weight_grad(grad_q, a.normed.narrow(1, 0, n_keep)), weight_grad(grad_kv, a.normed)}, 0);
+  const auto grad_qkv_bias = at::cat({grad_q.sum({0, 1}), grad_kv.sum({0, 1})}, 0);
+
+  auto [grad_x, grad_ln_weight, grad_ln_bias] =
+      Backend::layer_norm_backward(grad_normed, x, a.mean, a.rstd, p.ln_weight);
+  grad_x.narrow(1, 0, n_keep).add_(grad_out);
+  return {grad_x,          grad_ln_weight,   grad_ln_bias,  grad_qkv_weight,
+          grad_qkv_bias,   grad_proj_weight, grad_proj_bias};
+}
+
+// LN2 and FC1 (before its bias and GELU): what the MLP forward and backward share.
+struct MlpActivations {
+  at::Tensor normed, mean, rstd, pre;
+};
+
+template <typename Backend>
+MlpActivations mlp_hidden(const at::Tensor& x, const MlpParams& p, double eps) {
+  auto [normed, mean, rstd] = Backend::layer_norm(x, p.ln_weight, p.ln_bias, eps);
+  auto pre = at::matmul(normed, p.fc1_weight.t());
+  return {normed, mean, rstd, pre};
+}
+
+template <typename Backend>
+at::Tensor mlp_core(const at::Tensor& x, const MlpParams& p, double eps) {
+  auto hidden = mlp_hidden<Backend>(x, p, eps).pre;
+  Backend::bias_gelu_(hidden, p.fc1_bias);
+  return at::matmul(hidden, p.fc2_weight.t());
+}
+
+template <typename Backend>
+at::Tensor pruned_mlp(const at::Tensor& x, const MlpParams& p, double eps) {
+  check_mlp(x, p, "pruned_mlp");
+  Backend::check_dtype(x, "pruned_mlp");
+  auto out = mlp_core<Backend>(x, p, eps);
+  Backend::bias_residual_(out, p.fc2_bias, x);
+  return out;
+}
+
+template <typename Backend>
+void pruned_mlp_(const at::Tensor& x, const MlpParams& p, double eps) {
+  check_mlp(x, p, "pruned_mlp_");
+  Backend::check_dtype(x, "pruned_mlp_");
+  TORCH_CHECK(x.stride(2) == 1, "pruned_mlp_: x must have a contiguous channel dimension");
+  const auto out = mlp_core<Backend>(x, p, eps);
+  Backend::bias_residual_(x, p.fc2_bias, out);
+}
+
+template <typename Backend>
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+pruned_mlp_backward(const at::Tensor& grad_out_arg, const at::Tensor& x, const MlpParams& p,
+                    double eps) {
+  constexpr const char* op = "pruned_mlp_backward";
+  check_mlp(x, p, op);
+  Backend::check_dtype(x, op);
+  TORCH_CHECK(grad_out_arg.sizes() == x.sizes(), op, ": grad_out must have x's shape ", x.sizes(),
+              ", got ", grad_out_arg.sizes());
+  const auto grad_out = grad_out_arg.contiguous();
+  const auto a = mlp_hidden<Backend>(x, p, eps);
+  auto hidden = a.pre.clone();
+  Backend::bias_gelu_(hidden, p.fc1_bias);
+
+  const auto grad_fc2_weight = weight_grad(grad_out, hidden);
+  const auto grad_fc2_bias = grad_out.sum({0, 1});
+  auto grad_pre = at::matmul(grad_out, p.fc2_weight);
+  Backend::bias_gelu_backward_(grad_pre, a.pre, p.fc1_bias);
+  const auto grad_fc1_weight = weight_grad(grad_pre, a.normed);
+  const auto grad_fc1_bias = grad_pre.sum({0, 1});
+  const auto grad_normed = at::matmul(grad_pre, p.fc1_weight);
+  auto [grad_x, grad_ln_weight, grad_ln_bias] =
+      Backend::layer_norm_backward(grad_normed, x, a.mean, a.rstd, p.ln_weight);
+  grad_x.add_(grad_out);
+  return {grad_x,          grad_ln_weight,  grad_ln_bias,  grad_fc1_weight,
+          grad_fc1_bias,   grad_fc2_weight, grad_fc2_bias};
+}
+
+using Grads7 =
+    std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+
+// The ops with their schema's flat signatures, for TORCH_LIBRARY_IMPL.
+template <typename Backend>
+struct Ops {
+  static std::tuple<at::Tensor, at::Tensor> msa(const at::Tensor& x, int64_t n_keep, int64_t heads,
+                                                const at::Tensor& ln_w, const at::Tensor& ln_b,
+                                                const at::Tensor& qkv_w, const at::Tensor& qkv_b,
+                                                const at::Tensor& proj_w, const at::Tensor& proj_b,
+                                                double eps) {
+    return pruned_msa<Backend>(x, n_keep, heads, {ln_w, ln_b, qkv_w, qkv_b, proj_w, proj_b}, eps);
+  }
+  static void msa_(const at::Tensor& x, int64_t n_keep, int64_t heads, const at::Tensor& ln_w,
+                   const at::Tensor& ln_b, const at::Tensor& qkv_w, const at::Tensor& qkv_b,
+                   const at::Tensor& proj_w, const at::Tensor& proj_b, double eps) {
+    pruned_msa_<Backend>(x, n_keep, heads, {ln_w, ln_b, qkv_w, qkv_b, proj_w, proj_b}, eps);
+  }
+  static Grads7 msa_backward(const at::Tensor& grad_out, const c10::optional<at::Tensor>& grad_attn,
+                             const at::Tensor& x, int64_t n_keep, int64_t heads,
+                             const at::Tensor& ln_w, const at::Tensor& ln_b, const at::Tensor& qkv_w,
+                             const at::Tensor& qkv_b, const at::Tensor& proj_w,
+                             const at::Tensor& proj_b, double eps, const at::Tensor& attn) {
+    return pruned_msa_backward<Backend>(grad_out, grad_attn, x, n_keep, heads,
+                                        {ln_w, ln_b, qkv_w, qkv_b, proj_w, proj_b}, eps, attn);
+  }
+  static at::Tensor mlp(const at::Tensor& x, const at::Tensor& ln_w, const at::Tensor& ln_b,
+                        const at::Tensor& fc1_w, const at::Tensor& fc1_b, const at::Tensor& fc2_w,
+                        const at::Tensor& fc2_b, double eps) {
+    return pruned_mlp<Backend>(x, {ln_w, ln_b, fc1_w, fc1_b, fc2_w, fc2_b}, eps);
+  }
+  static void mlp_(const at::Tensor& x, const at::Tensor& ln_w, const at::Tensor& ln_b,
+                   const at::Tensor& fc1_w, const at::Tensor& fc1_b, const at::Tensor& fc2_w,
+                   const at::Tensor& fc2_b, double eps) {
+    pruned_mlp_<Backend>(x, {ln_w, ln_b, fc1_w, fc1_b, fc2_w, fc2_b}, eps);
+  }
+  static Grads7 mlp_backward(const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& ln_w,
+                             const at::Tensor& ln_b, const at::Tensor& fc1_w,
+                             const at::Tensor& fc1_b, const at::Tensor& fc2_w,
+                             const at::Tensor& fc2_b, double eps) {
+    return pruned_mlp_backward<Backend>(grad_out, x, {ln_w, ln_b, fc1_w, fc1_b, fc2_w, fc2_b}, eps);
+  }
+
+  static void register_kernels(torch::Library& m) {
+    m.impl("pruned_msa", &msa);
+    m.impl("pruned_msa_", &msa_);
+    m.impl("pruned_msa_backward", &msa_backward);
+    m.impl("pruned_mlp", &mlp);
+    m.impl("pruned_mlp_", &mlp_);
+    m.impl("pruned_mlp_backward", &mlp_backward);
+  }
+};
+
+}  // namespace patchslim::block

@@ -1,0 +1,118 @@
+// CPU backend of the pruned-block ops: the op bodies are in
+// common/pruned_block_ops.h; the row kernels are the ISA kernels in
+// isa/block_rows.h and isa/layer_norm_rows.h.
+
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <tuple>
+
+#include "common/pruned_block_ops.h"
+#include "cpu/cpu_dispatch.h"
+#include "cpu/kernels.h"
+#include "cpu/prefix_layer_norm.h"
+
+namespace patchslim::cpu {
+namespace {
+
+// Rows of a tensor whose last dimension is contiguous: (B, R, C) with any batch
+// and row strides, or a contiguous tensor of any rank flattened to rows.
+template <typename T>
+RowView<T> rows_of(T* data, const at::Tensor& t) {
+  if (t.dim() == 3) {
+    return {data, t.stride(0), t.stride(1), std::max<int64_t>(1, t.size(1))};
+  }
+  const int64_t rows = t.numel() / std::max<int64_t>(1, t.size(-1));
+  return {data, 0, t.size(-1), std::max<int64_t>(1, rows)};
+}
+
+int64_t row_count(const at::Tensor& t) { return t.numel() / std::max<int64_t>(1, t.size(-1)); }
+
+// Runs `kernel(args, begin, end)` over all rows of `t` on ATen's thread pool.
+template <typename Args, typename Kernel>
+void for_rows(const at::Tensor& t, const Args& args, Kernel kernel) {
+  const int64_t cols = std::max<int64_t>(1, t.size(-1));
+  at::parallel_for(0, row_count(t), std::max<int64_t>(1, kElementsPerTask / cols),
+                   [&](int64_t begin, int64_t end) { kernel(args, begin, end); });
+}
+
+struct CpuBlock {
+  static void check_dtype(const at::Tensor& t, const char* op) { check_cpu_dtype(t, op); }
+
+  static std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm(const at::Tensor& x,
+                                                                    const at::Tensor& weight,
+                                                                    const at::Tensor& bias,
+                                                                    double eps) {
+    return prefix_layer_norm_cpu(x, x.size(1), weight, bias, eps);
+  }
+
+  static std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_backward(
+      const at::Tensor& grad, const at::Tensor& x, const at::Tensor& mean, const at::Tensor& rstd,
+      const at::Tensor& weight) {
+    return prefix_layer_norm_backward_cpu(grad, x, x.size(1), mean, rstd, weight);
+  }
+
+  static void softmax_(const at::Tensor& scores, double scale) {
+    TORCH_INTERNAL_ASSERT(scores.is_contiguous());
+    AT_DISPATCH_FLOATING_TYPES(scores.scalar_type(), "softmax_cpu", [&] {
+      const SoftmaxArgs<scalar_t> args{rows_of(scores.mutable_data_ptr<scalar_t>(), scores),
+                                       scores.size(-1), static_cast<scalar_t>(scale)};
+      for_rows(scores, args, kernels_for<scalar_t>(checked_cpu_isa()).softmax);
+    });
+  }
+
+  static void softmax_backward_(const at::Tensor& grad, const at::Tensor& probs, double scale) {
+    TORCH_INTERNAL_ASSERT(grad.is_contiguous() && probs.is_contiguous());
+    AT_DISPATCH_FLOATING_TYPES(grad.scalar_type(), "softmax_backward_cpu", [&] {
+      const SoftmaxBackwardArgs<scalar_t> args{
+          rows_of(probs.const_data_ptr<scalar_t>(), probs),
+          rows_of(grad.mutable_data_ptr<scalar_t>(), grad), grad.size(-1),
+          static_cast<scalar_t>(scale)};
+      for_rows(grad, args, kernels_for<scalar_t>(checked_cpu_isa()).softmax_backward);
+    });
+  }
+
+  static void bias_gelu_(const at::Tensor& hidden, const at::Tensor& bias) {
+    const auto b = bias.contiguous();
+    AT_DISPATCH_FLOATING_TYPES(hidden.scalar_type(), "bias_gelu_cpu", [&] {
+      const BiasGeluArgs<scalar_t> args{rows_of(hidden.mutable_data_ptr<scalar_t>(), hidden),
+                                        b.const_data_ptr<scalar_t>(), hidden.size(-1)};
+      for_rows(hidden, args, kernels_for<scalar_t>(checked_cpu_isa()).bias_gelu);
+    });
+  }
+
+  static void bias_gelu_backward_(const at::Tensor& grad, const at::Tensor& pre,
+                                  const at::Tensor& bias) {
+    const auto b = bias.contiguous();
+    AT_DISPATCH_FLOATING_TYPES(grad.scalar_type(), "bias_gelu_backward_cpu", [&] {
+      const BiasGeluBackwardArgs<scalar_t> args{rows_of(pre.const_data_ptr<scalar_t>(), pre),
+                                                b.const_data_ptr<scalar_t>(),
+                                                rows_of(grad.mutable_data_ptr<scalar_t>(), grad),
+                                                grad.size(-1)};
+      for_rows(grad, args, kernels_for<scalar_t>(checked_cpu_isa()).bias_gelu_backward);
+    });
+  }
+
+  static void bias_residual_(const at::Tensor& out, const at::Tensor& bias,
+                             const at::Tensor& residual) {
+    TORCH_INTERNAL_ASSERT(out.dim() == 3 && residual.dim() == 3);
+    const auto b = bias.contiguous();
+    const auto res = residual.stride(2) == 1 ? residual : residual.contiguous();
+    AT_DISPATCH_FLOATING_TYPES(out.scalar_type(), "bias_residual_cpu", [&] {
+      const BiasResidualArgs<scalar_t> args{rows_of(out.mutable_data_ptr<scalar_t>(), out),
+                                            b.const_data_ptr<scalar_t>(),
+                                            rows_of(res.const_data_ptr<scalar_t>(), res),
+                                            out.size(-1)};
+      for_rows(out, args, kernels_for<scalar_t>(checked_cpu_isa()).bias_residual);
+    });
+  }
+};
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(patchslim, CPU, m) { block::Ops<CpuBlock>::register_kernels(m); }
+
+}  // namespace patchslim::cpu
