@@ -5,6 +5,8 @@ Importing the package loads the compiled operators (``torch.ops.patchslim``).
 
 from patchslim_ext import ops
 from patchslim_ext.flops import count_flops, flops_of
+from patchslim_ext.plan import SlimPlan
+from patchslim_ext.pruned import PrunedViT
 from patchslim_ext.vit import (
     VisionTransformer,
     ViTConfig,
@@ -18,6 +20,8 @@ from patchslim_ext.vit import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "PrunedViT",
+    "SlimPlan",
     "ViTConfig",
     "VisionTransformer",
     "count_flops",

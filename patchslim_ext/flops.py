@@ -41,15 +41,44 @@ def _prefix_layer_norm_flops(inputs: list[Any], outputs: list[Any]) -> int:
     return LAYER_NORM_FLOPS_PER_ELEMENT * _prod(get_shape(outputs[0]))
 
 
+def _n_keep(value: Any) -> int:
+    return int(value.toIValue())
+
+
+def _pruned_msa_flops(inputs: list[Any], outputs: list[Any]) -> int:
+    # LN1 and K, V on all N rows; Q, Q·Kᵀ, P·V and the projection on n_keep rows.
+    batch, tokens, channels = get_shape(inputs[0])
+    kept = _n_keep(inputs[1])
+    return batch * (
+        LAYER_NORM_FLOPS_PER_ELEMENT * tokens * channels
+        + 2 * tokens * channels * channels
+        + 2 * kept * channels * channels
+        + 2 * kept * tokens * channels
+    )
+
+
+def _pruned_mlp_flops(inputs: list[Any], outputs: list[Any]) -> int:
+    batch, kept, channels = get_shape(inputs[0])
+    hidden = get_shape(inputs[3])[0]
+    return batch * kept * (LAYER_NORM_FLOPS_PER_ELEMENT * channels + 2 * channels * hidden)
+
+
 OP_HANDLES = {
     "aten::scaled_dot_product_attention": _sdpa_flops,
     "patchslim::prefix_layer_norm": _prefix_layer_norm_flops,
+    "patchslim::pruned_msa": _pruned_msa_flops,
+    "patchslim::pruned_msa_": _pruned_msa_flops,
+    "patchslim::pruned_mlp": _pruned_mlp_flops,
+    "patchslim::pruned_mlp_": _pruned_mlp_flops,
 }
 
 
 def flop_analysis(model: nn.Module, inputs: Any) -> FlopCountAnalysis:
     """fvcore's ``FlopCountAnalysis`` with handles for attention and every patchslim op."""
     analysis = FlopCountAnalysis(model, inputs)
+    # patchslim ops read the blocks' parameters without calling their submodules,
+    # which fvcore would report as "never called".
+    analysis.uncalled_modules_warnings(False)
     analysis.set_op_handle(**OP_HANDLES)
     analysis.set_op_handle(**dict.fromkeys(_FREE_OPS))
     return analysis
