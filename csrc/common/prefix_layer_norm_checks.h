@@ -58,4 +58,9 @@ inline void check_prefix_layer_norm_backward(const at::Tensor& grad_out, const a
   }
 }
 
+// The kernels need only the channel dimension of a (B, N, C) input to be contiguous.
+inline at::Tensor with_contiguous_channels(const at::Tensor& t) {
+  return t.stride(2) == 1 ? t : t.contiguous();
+}
+
 }  // namespace patchslim

@@ -166,19 +166,16 @@ template <typename Backend>
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
 pruned_msa_backward(const at::Tensor& grad_out_arg, const c10::optional<at::Tensor>& grad_probs,
                     const at::Tensor& x, int64_t n_keep, int64_t num_heads, const MsaParams& p,
-                    double eps, const at::Tensor& probs) {
+                    double eps, const at::Tensor& probs_arg) {
   constexpr const char* op = "pruned_msa_backward";
   check_msa(x, n_keep, num_heads, p, op);
   Backend::check_dtype(x, op);
   const int64_t B = x.size(0);
   const int64_t N = x.size(1);
   const int64_t C = x.size(2);
-  TORCH_CHECK(grad_out_arg.sizes() == at::IntArrayRef({B, n_keep, C}), op,
-              ": grad_out must have shape (B, n_keep, C) = (", B, ", ", n_keep, ", ", C, "), got ",
-              grad_out_arg.sizes());
-  TORCH_CHECK(probs.sizes() == at::IntArrayRef({B, num_heads, n_keep, N}), op,
-              ": attn must have shape (B, H, n_keep, N) = (", B, ", ", num_heads, ", ", n_keep, ", ",
-              N, "), got ", probs.sizes());
+  check_param(probs_arg, x, {B, num_heads, n_keep, N}, op, "attn", "(B, H, n_keep, N)");
+  check_param(grad_out_arg, x, {B, n_keep, C}, op, "grad_out", "(B, n_keep, C)");
+  const auto probs = probs_arg.contiguous();
   const auto grad_out = grad_out_arg.contiguous();
   const auto a = msa_inputs<Backend>(x, n_keep, num_heads, p, eps);
   const auto context = merge_heads(at::matmul(probs, a.v));
@@ -255,8 +252,7 @@ pruned_mlp_backward(const at::Tensor& grad_out_arg, const at::Tensor& x, const M
   constexpr const char* op = "pruned_mlp_backward";
   check_mlp(x, p, op);
   Backend::check_dtype(x, op);
-  TORCH_CHECK(grad_out_arg.sizes() == x.sizes(), op, ": grad_out must have x's shape ", x.sizes(),
-              ", got ", grad_out_arg.sizes());
+  check_param(grad_out_arg, x, x.sizes(), op, "grad_out", "(B, n, C)");
   const auto grad_out = grad_out_arg.contiguous();
   const auto a = mlp_hidden<Backend>(x, p, eps);
   auto hidden = a.pre.clone();

@@ -27,11 +27,6 @@ RowView<T> row_view(T* data, const at::Tensor& t, int64_t rows_per_batch) {
   return {data, t.stride(0), t.stride(1), rows_per_batch};
 }
 
-// Kernels need only the channel dimension to be contiguous.
-at::Tensor with_contiguous_channels(const at::Tensor& t) {
-  return t.stride(2) == 1 ? t : t.contiguous();
-}
-
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> prefix_layer_norm_cpu(const at::Tensor& input_arg,

@@ -47,4 +47,32 @@ cudaError_t row_dot(const float* x, const float* y, const float* scale, float* o
                     int64_t heads, int64_t tokens, int64_t depth, const int64_t x_strides[3],
                     const int64_t y_strides[3], cudaStream_t stream);
 
+// Pruned-block row kernels; T is float, __half or __nv_bfloat16, arithmetic in
+// float32. Rows have `cols` contiguous elements.
+
+// p = softmax(scale · s) in place.
+template <typename T>
+cudaError_t softmax_forward(RowView<T> scores, int64_t rows, int64_t cols, float scale,
+                            cudaStream_t stream);
+
+// grad = scale · p ⊙ (grad − Σ grad ⊙ p) in place.
+template <typename T>
+cudaError_t softmax_backward(RowView<const T> probs, RowView<T> grad, int64_t rows, int64_t cols,
+                             float scale, cudaStream_t stream);
+
+// h = GELU(h + bias) in place (exact GELU).
+template <typename T>
+cudaError_t bias_gelu_forward(RowView<T> hidden, const T* bias, int64_t rows, int64_t cols,
+                              cudaStream_t stream);
+
+// grad *= GELU'(pre + bias) in place.
+template <typename T>
+cudaError_t bias_gelu_backward(RowView<const T> pre, const T* bias, RowView<T> grad, int64_t rows,
+                               int64_t cols, cudaStream_t stream);
+
+// out += bias + residual.
+template <typename T>
+cudaError_t bias_residual(RowView<T> out, const T* bias, RowView<const T> residual, int64_t rows,
+                          int64_t cols, cudaStream_t stream);
+
 }  // namespace patchslim::cuda

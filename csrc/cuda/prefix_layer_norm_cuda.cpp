@@ -12,40 +12,18 @@
 
 #include "common/prefix_layer_norm_checks.h"
 #include "cuda/launchers.h"
+#include "cuda/prefix_layer_norm_cuda.h"
+#include "cuda/torch_glue.h"
 
-namespace patchslim {
+namespace patchslim::cuda {
 namespace {
 
-// Maps a torch dtype to the CUDA type the launchers are instantiated for.
-template <typename Fn>
-void dispatch_cuda_dtype(at::ScalarType dtype, const char* op, Fn&& fn) {
-  switch (dtype) {
-    case at::kFloat:
-      fn(float{}, float{});
-      return;
-    case at::kHalf:
-      fn(at::Half{}, __half{});
-      return;
-    case at::kBFloat16:
-      fn(at::BFloat16{}, __nv_bfloat16{});
-      return;
-    default:
-      TORCH_CHECK(false, op, ": CUDA supports float32, float16 and bfloat16 inputs, got ", dtype);
-  }
-}
-
 template <typename CudaT, typename TorchT>
-cuda::RowView<CudaT> row_view(TorchT* data, const at::Tensor& t, int64_t rows_per_batch) {
+RowView<CudaT> row_view(TorchT* data, const at::Tensor& t, int64_t rows_per_batch) {
   return {reinterpret_cast<CudaT*>(data), t.stride(0), t.stride(1), rows_per_batch};
 }
 
-at::Tensor with_contiguous_channels(const at::Tensor& t) {
-  return t.stride(2) == 1 ? t : t.contiguous();
-}
-
-void check_launch(cudaError_t status, const char* op) {
-  TORCH_CHECK(status == cudaSuccess, op, ": CUDA launch failed: ", cudaGetErrorString(status));
-}
+}  // namespace
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> prefix_layer_norm_cuda(const at::Tensor& input_arg,
                                                                        int64_t n_rows,
@@ -70,7 +48,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> prefix_layer_norm_cuda(const at::
   dispatch_cuda_dtype(input.scalar_type(), "prefix_layer_norm", [&](auto torch_t, auto cuda_t) {
     using TorchT = decltype(torch_t);
     using CudaT = decltype(cuda_t);
-    check_launch(cuda::prefix_layer_norm_forward<CudaT>(
+    check_launch(prefix_layer_norm_forward<CudaT>(
                      row_view<const CudaT>(input.const_data_ptr<TorchT>(), input, n_rows),
                      reinterpret_cast<CudaT*>(output.mutable_data_ptr<TorchT>()),
                      mean.mutable_data_ptr<float>(), rstd.mutable_data_ptr<float>(),
@@ -108,7 +86,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> prefix_layer_norm_backward_cuda(
     dispatch_cuda_dtype(input.scalar_type(), "prefix_layer_norm_backward", [&](auto torch_t, auto cuda_t) {
       using TorchT = decltype(torch_t);
       using CudaT = decltype(cuda_t);
-      check_launch(cuda::prefix_layer_norm_backward<CudaT>(
+      check_launch(prefix_layer_norm_backward<CudaT>(
                        reinterpret_cast<const CudaT*>(grad_out.const_data_ptr<TorchT>()),
                        row_view<const CudaT>(input.const_data_ptr<TorchT>(), input, n_rows),
                        mean.const_data_ptr<float>(), rstd.const_data_ptr<float>(),
@@ -123,11 +101,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> prefix_layer_norm_backward_cuda(
   return {grad_input, grad_weight.to(param_dtype), grad_bias.to(param_dtype)};
 }
 
-}  // namespace
-
 TORCH_LIBRARY_IMPL(patchslim, CUDA, m) {
   m.impl("prefix_layer_norm", &prefix_layer_norm_cuda);
   m.impl("prefix_layer_norm_backward", &prefix_layer_norm_backward_cuda);
 }
 
-}  // namespace patchslim
+}  // namespace patchslim::cuda

@@ -6,6 +6,7 @@
 #include <cuda_runtime.h>
 
 #include "cuda/launchers.h"
+#include "cuda/device_utils.cuh"
 
 namespace patchslim::cuda {
 namespace {
@@ -13,31 +14,6 @@ namespace {
 constexpr int kWarp = 32;
 constexpr int kRowsPerBlock = 8;  // warps per block in the row kernels
 
-__device__ __forceinline__ float to_float(float x) { return x; }
-__device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
-__device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
-
-template <typename T>
-__device__ __forceinline__ T from_float(float x);
-template <>
-__device__ __forceinline__ float from_float<float>(float x) { return x; }
-template <>
-__device__ __forceinline__ __half from_float<__half>(float x) { return __float2half_rn(x); }
-template <>
-__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) {
-  return __float2bfloat16_rn(x);
-}
-
-__device__ __forceinline__ float warp_sum(float x) {
-#pragma unroll
-  for (int offset = kWarp / 2; offset > 0; offset /= 2) x += __shfl_xor_sync(0xffffffffu, x, offset);
-  return x;
-}
-
-template <typename T>
-__device__ __forceinline__ T* row_ptr(const RowView<T>& v, int64_t r) {
-  return v.data + (r / v.rows_per_batch) * v.batch_stride + (r % v.rows_per_batch) * v.row_stride;
-}
 
 template <typename T>
 __global__ void forward_kernel(RowView<const T> input, T* __restrict__ output, float* __restrict__ mean,
@@ -45,7 +21,7 @@ __global__ void forward_kernel(RowView<const T> input, T* __restrict__ output, f
                                const T* __restrict__ bias, int64_t rows, int64_t C, float eps) {
   const int64_t r = static_cast<int64_t>(blockIdx.x) * kRowsPerBlock + threadIdx.y;
   if (r >= rows) return;
-  const T* x = row_ptr(input, r);
+  const T* x = row_at(input, r);
   float sum = 0.f;
   for (int64_t c = threadIdx.x; c < C; c += kWarp) sum += to_float(x[c]);
   const float mu = warp_sum(sum) / static_cast<float>(C);
@@ -73,7 +49,7 @@ __global__ void backward_input_kernel(const T* __restrict__ grad_output, RowView
   const int64_t r = static_cast<int64_t>(blockIdx.x) * kRowsPerBlock + threadIdx.y;
   if (r >= rows) return;
   const T* g = grad_output + r * C;
-  const T* x = row_ptr(input, r);
+  const T* x = row_at(input, r);
   const float mu = mean[r];
   const float rs = rstd[r];
   float sum_gw = 0.f;
@@ -85,7 +61,7 @@ __global__ void backward_input_kernel(const T* __restrict__ grad_output, RowView
   }
   const float mean_gw = warp_sum(sum_gw) / static_cast<float>(C);
   const float mean_gw_xhat = warp_sum(sum_gw_xhat) / static_cast<float>(C);
-  T* dx = row_ptr(grad_input, r);
+  T* dx = row_at(grad_input, r);
   for (int64_t c = threadIdx.x; c < C; c += kWarp) {
     const float xhat = (to_float(x[c]) - mu) * rs;
     const float gw = to_float(g[c]) * to_float(weight[c]);
@@ -108,7 +84,7 @@ __global__ void backward_params_kernel(const T* __restrict__ grad_output, RowVie
   if (c < C) {
     for (int64_t r = threadIdx.y; r < rows; r += kRowsPerBlock) {
       const float g = to_float(grad_output[r * C + c]);
-      dw += g * (to_float(row_ptr(input, r)[c]) - mean[r]) * rstd[r];
+      dw += g * (to_float(row_at(input, r)[c]) - mean[r]) * rstd[r];
       db += g;
     }
   }

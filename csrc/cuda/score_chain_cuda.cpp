@@ -9,13 +9,10 @@
 
 #include "common/score_ops.h"
 #include "cuda/launchers.h"
+#include "cuda/torch_glue.h"
 
-namespace patchslim {
+namespace patchslim::cuda {
 namespace {
-
-void check_launch(cudaError_t status, const char* what) {
-  TORCH_CHECK(status == cudaSuccess, what, ": CUDA launch failed: ", cudaGetErrorString(status));
-}
 
 struct CudaScoring {
   static void check_dtype(const at::Tensor& t, const char* op) {
@@ -28,7 +25,7 @@ struct CudaScoring {
     const int64_t B = x.size(0);
     TORCH_CHECK(B <= 65535, "score_chain_diagonal: CUDA supports batches up to 65535, got ", B);
     auto out = at::empty({B, x.size(2)}, x.options());
-    check_launch(cuda::column_dot(x.const_data_ptr<float>(), y.const_data_ptr<float>(),
+    check_launch(patchslim::cuda::column_dot(x.const_data_ptr<float>(), y.const_data_ptr<float>(),
                                   out.mutable_data_ptr<float>(), B, x.size(1), x.size(2),
                                   x.stride(0), x.stride(1), y.stride(0), y.stride(1),
                                   at::cuda::getCurrentCUDAStream()),
@@ -42,7 +39,7 @@ struct CudaScoring {
     auto out = at::empty({x.size(0), x.size(2)}, x.options());
     const int64_t x_strides[3] = {x.stride(0), x.stride(1), x.stride(2)};
     const int64_t y_strides[3] = {y.stride(0), y.stride(1), y.stride(2)};
-    check_launch(cuda::row_dot(x.const_data_ptr<float>(), y.const_data_ptr<float>(),
+    check_launch(patchslim::cuda::row_dot(x.const_data_ptr<float>(), y.const_data_ptr<float>(),
                                scale_c.const_data_ptr<float>(), out.mutable_data_ptr<float>(),
                                x.size(0), x.size(1), x.size(2), x.size(3), x_strides, y_strides,
                                at::cuda::getCurrentCUDAStream()),
@@ -60,4 +57,4 @@ TORCH_LIBRARY_IMPL(patchslim, CUDA, m) {
   m.impl("patch_scores", &scoring::patch_scores<CudaScoring>);
 }
 
-}  // namespace patchslim
+}  // namespace patchslim::cuda

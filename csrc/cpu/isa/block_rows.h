@@ -77,7 +77,6 @@ void bias_gelu_backward_rows(const BiasGeluBackwardArgs<T>& a, int64_t begin, in
 
 template <typename T>
 void bias_residual_rows(const BiasResidualArgs<T>& a, int64_t begin, int64_t end) {
-  using V = Vec<T>;
   for (int64_t r = begin; r < end; ++r) {
     T* out = a.out.row(r);
     const T* residual = a.residual.row(r);

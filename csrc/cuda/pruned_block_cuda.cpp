@@ -1,0 +1,118 @@
+// CUDA backend of the pruned-block ops: the op bodies are in
+// common/pruned_block_ops.h; the row kernels are pruned_block_kernel.cu and the
+// LayerNorm kernels prefix_layer_norm_kernel.cu.
+
+#include <ATen/core/Tensor.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include <tuple>
+
+#include "common/pruned_block_ops.h"
+#include "cuda/launchers.h"
+#include "cuda/prefix_layer_norm_cuda.h"
+#include "cuda/torch_glue.h"
+
+namespace patchslim::cuda {
+namespace {
+
+struct CudaBlock {
+  static void check_dtype(const at::Tensor& t, const char* op) {
+    TORCH_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == at::kHalf ||
+                    t.scalar_type() == at::kBFloat16,
+                op, ": CUDA supports float32, float16 and bfloat16 inputs, got ", t.scalar_type());
+  }
+
+  static std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm(const at::Tensor& x,
+                                                                    const at::Tensor& weight,
+                                                                    const at::Tensor& bias,
+                                                                    double eps) {
+    return prefix_layer_norm_cuda(x, x.size(1), weight, bias, eps);
+  }
+
+  static std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_backward(
+      const at::Tensor& grad, const at::Tensor& x, const at::Tensor& mean, const at::Tensor& rstd,
+      const at::Tensor& weight) {
+    return prefix_layer_norm_backward_cuda(grad, x, x.size(1), mean, rstd, weight);
+  }
+
+  static void softmax_(const at::Tensor& scores, double scale) {
+    const c10::cuda::CUDAGuard guard(scores.device());
+    dispatch_cuda_dtype(scores.scalar_type(), "softmax", [&](auto torch_t, auto cuda_t) {
+      using TorchT = decltype(torch_t);
+      using CudaT = decltype(cuda_t);
+      check_launch(softmax_forward<CudaT>(rows_of<CudaT>(scores.mutable_data_ptr<TorchT>(), scores),
+                                          row_count(scores), scores.size(-1),
+                                          static_cast<float>(scale),
+                                          at::cuda::getCurrentCUDAStream()),
+                   "softmax");
+    });
+  }
+
+  static void softmax_backward_(const at::Tensor& grad, const at::Tensor& probs, double scale) {
+    const c10::cuda::CUDAGuard guard(grad.device());
+    dispatch_cuda_dtype(grad.scalar_type(), "softmax_backward", [&](auto torch_t, auto cuda_t) {
+      using TorchT = decltype(torch_t);
+      using CudaT = decltype(cuda_t);
+      check_launch(softmax_backward<CudaT>(
+                       rows_of<const CudaT>(probs.const_data_ptr<TorchT>(), probs),
+                       rows_of<CudaT>(grad.mutable_data_ptr<TorchT>(), grad), row_count(grad),
+                       grad.size(-1), static_cast<float>(scale), at::cuda::getCurrentCUDAStream()),
+                   "softmax_backward");
+    });
+  }
+
+  static void bias_gelu_(const at::Tensor& hidden, const at::Tensor& bias) {
+    const c10::cuda::CUDAGuard guard(hidden.device());
+    const auto b = bias.contiguous();
+    dispatch_cuda_dtype(hidden.scalar_type(), "bias_gelu", [&](auto torch_t, auto cuda_t) {
+      using TorchT = decltype(torch_t);
+      using CudaT = decltype(cuda_t);
+      check_launch(bias_gelu_forward<CudaT>(
+                       rows_of<CudaT>(hidden.mutable_data_ptr<TorchT>(), hidden),
+                       reinterpret_cast<const CudaT*>(b.const_data_ptr<TorchT>()),
+                       row_count(hidden), hidden.size(-1), at::cuda::getCurrentCUDAStream()),
+                   "bias_gelu");
+    });
+  }
+
+  static void bias_gelu_backward_(const at::Tensor& grad, const at::Tensor& pre,
+                                  const at::Tensor& bias) {
+    const c10::cuda::CUDAGuard guard(grad.device());
+    const auto b = bias.contiguous();
+    dispatch_cuda_dtype(grad.scalar_type(), "bias_gelu_backward", [&](auto torch_t, auto cuda_t) {
+      using TorchT = decltype(torch_t);
+      using CudaT = decltype(cuda_t);
+      check_launch(bias_gelu_backward<CudaT>(
+                       rows_of<const CudaT>(pre.const_data_ptr<TorchT>(), pre),
+                       reinterpret_cast<const CudaT*>(b.const_data_ptr<TorchT>()),
+                       rows_of<CudaT>(grad.mutable_data_ptr<TorchT>(), grad), row_count(grad),
+                       grad.size(-1), at::cuda::getCurrentCUDAStream()),
+                   "bias_gelu_backward");
+    });
+  }
+
+  static void bias_residual_(const at::Tensor& out, const at::Tensor& bias,
+                             const at::Tensor& residual) {
+    const c10::cuda::CUDAGuard guard(out.device());
+    const auto b = bias.contiguous();
+    const auto res = residual.stride(2) == 1 ? residual : residual.contiguous();
+    dispatch_cuda_dtype(out.scalar_type(), "bias_residual", [&](auto torch_t, auto cuda_t) {
+      using TorchT = decltype(torch_t);
+      using CudaT = decltype(cuda_t);
+      check_launch(bias_residual<CudaT>(rows_of<CudaT>(out.mutable_data_ptr<TorchT>(), out),
+                                        reinterpret_cast<const CudaT*>(b.const_data_ptr<TorchT>()),
+                                        rows_of<const CudaT>(res.const_data_ptr<TorchT>(), res),
+                                        row_count(out), out.size(-1),
+                                        at::cuda::getCurrentCUDAStream()),
+                   "bias_residual");
+    });
+  }
+};
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(patchslim, CUDA, m) { block::Ops<CudaBlock>::register_kernels(m); }
+
+}  // namespace patchslim::cuda
