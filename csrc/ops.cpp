@@ -36,11 +36,12 @@ TORCH_LIBRARY(patchslim, m) {
   // The pruned block (paper Eq. 2): block input x (B, N, C), kept rows [0, n_keep).
   m.set_python_module("patchslim_ext.ops.pruned_block");
   //   MSA sub-layer -> (x[:, :n] + Proj(Attn(LN1(x)[:, :n], LN1(x), LN1(x))) (B, n, C),
-  //                     attention probabilities (B, H, n, N)).
+  //                     attention probabilities (B, H, n, N),
+  //                     and, for the backward, q (B, n, C), kv (B, N, 2C), context (B, n, C)).
   m.def(
       "pruned_msa(Tensor x, SymInt n_keep, int num_heads, Tensor ln_weight, Tensor ln_bias,"
       " Tensor qkv_weight, Tensor qkv_bias, Tensor proj_weight, Tensor proj_bias, float eps)"
-      " -> (Tensor, Tensor)");
+      " -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
   //   The same, updating x[:, :n_keep] in place (inference).
   m.def(
       "pruned_msa_(Tensor(a!) x, SymInt n_keep, int num_heads, Tensor ln_weight, Tensor ln_bias,"
@@ -49,18 +50,19 @@ TORCH_LIBRARY(patchslim, m) {
   m.def(
       "pruned_msa_backward(Tensor grad_out, Tensor? grad_attn, Tensor x, SymInt n_keep,"
       " int num_heads, Tensor ln_weight, Tensor ln_bias, Tensor qkv_weight, Tensor qkv_bias,"
-      " Tensor proj_weight, Tensor proj_bias, float eps, Tensor attn)"
-      " -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
-  //   MLP sub-layer on the kept rows x (B, n, C) -> x + FC2(GELU(FC1(LN2(x)))).
+      " Tensor proj_weight, Tensor proj_bias, float eps, Tensor attn, Tensor q, Tensor kv,"
+      " Tensor context) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+  //   MLP sub-layer on the kept rows x (B, n, C) -> (x + FC2(GELU(FC1(LN2(x)))),
+  //                                                  FC1's output before bias (B, n, D)).
   m.def(
       "pruned_mlp(Tensor x, Tensor ln_weight, Tensor ln_bias, Tensor fc1_weight, Tensor fc1_bias,"
-      " Tensor fc2_weight, Tensor fc2_bias, float eps) -> Tensor");
+      " Tensor fc2_weight, Tensor fc2_bias, float eps) -> (Tensor, Tensor)");
   m.def(
       "pruned_mlp_(Tensor(a!) x, Tensor ln_weight, Tensor ln_bias, Tensor fc1_weight,"
       " Tensor fc1_bias, Tensor fc2_weight, Tensor fc2_bias, float eps) -> ()");
   //   -> grads of x, ln_weight, ln_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias.
   m.def(
       "pruned_mlp_backward(Tensor grad_out, Tensor x, Tensor ln_weight, Tensor ln_bias,"
-      " Tensor fc1_weight, Tensor fc1_bias, Tensor fc2_weight, Tensor fc2_bias, float eps)"
-      " -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+      " Tensor fc1_weight, Tensor fc1_bias, Tensor fc2_weight, Tensor fc2_bias, float eps,"
+      " Tensor pre) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
 }

@@ -183,12 +183,16 @@ def test_opcheck(device):
     )
     torch.library.opcheck(ops.pruned_msa_.default, (x.clone(), 4, 3, *msa, 1e-6))
     torch.library.opcheck(ops.pruned_mlp_.default, (x.clone(), *mlp, 1e-6))
-    out, attn = ops.pruned_msa(x, 4, 3, *msa, 1e-6)
+    out, attn, q, kv, context = ops.pruned_msa(x, 4, 3, *msa, 1e-6)
+    for grad_attn in (None, torch.randn_like(attn)):
+        torch.library.opcheck(
+            ops.pruned_msa_backward.default,
+            (torch.randn_like(out), grad_attn, x, 4, 3, *msa, 1e-6, attn, q, kv, context),
+        )
+    _, pre = ops.pruned_mlp(x, *mlp, 1e-6)
     torch.library.opcheck(
-        ops.pruned_msa_backward.default,
-        (torch.randn_like(out), None, x, 4, 3, *msa, 1e-6, attn),
+        ops.pruned_mlp_backward.default, (torch.randn_like(x), x, *mlp, 1e-6, pre)
     )
-    torch.library.opcheck(ops.pruned_mlp_backward.default, (torch.randn_like(x), x, *mlp, 1e-6))
 
 
 def test_in_place_ops_touch_only_the_prefix():
@@ -370,6 +374,6 @@ def test_fuzz_block_ops_never_crash(
         with pytest.raises(RuntimeError):
             torch.ops.patchslim.pruned_msa(x, n_keep, heads, *msa, 1e-6)
         return
-    out, attn = torch.ops.patchslim.pruned_msa(x, n_keep, heads, *msa, 1e-6)
+    out, attn, *_ = torch.ops.patchslim.pruned_msa(x, n_keep, heads, *msa, 1e-6)
     assert out.shape == (batch, n_keep, channels) and attn.shape == (batch, heads, n_keep, tokens)
     assert torch.isfinite(out).all()

@@ -17,8 +17,12 @@
 //   bias_gelu_(h (B, n, D), bias)                            h = GELU(h + bias)
 //   bias_gelu_backward_(grad (B, n, D), pre, bias)           grad *= GELU'(pre + bias)
 //   bias_residual_(out (B, n, C), bias, residual (B, n, C))  out += bias + residual
-// Backward ops recompute LN and the input projections from the inputs (the
-// forward keeps only the attention probabilities), trading one GEMM for memory.
+//   attention(q (B, H, n, d), k, v (B, H, N, d), scale, want_probs)
+//       -> (context (B, n, C), probs (B, H, n, N) or undefined)
+// The forward ops also return what their backward reads instead of recomputing
+// GEMMs (as native_layer_norm returns its statistics): Q (B, n, C), the K|V
+// projection (B, N, 2C) and the attention context (B, n, C) for MSA; FC1's
+// output before bias and GELU (B, n, D) for the MLP. LayerNorm is recomputed.
 
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/cat.h>
@@ -109,20 +113,23 @@ inline at::Tensor weight_grad(const at::Tensor& grad, const at::Tensor& input) {
 }
 
 // Everything the attention forward and backward share: normalised x, Q, K, V.
-struct MsaActivations {
-  at::Tensor normed, mean, rstd, q, k, v;  // q: (B, H, n, d); k, v: (B, H, N, d)
+// q (B, n, C) and kv (B, N, 2C) as projected, and their per-head views.
+struct MsaProjections {
+  at::Tensor q, kv;
+  at::Tensor q_heads() const { return split_heads(q, num_heads); }
+  at::Tensor k_heads() const { return split_heads(kv.narrow(2, 0, q.size(2)), num_heads); }
+  at::Tensor v_heads() const { return split_heads(kv.narrow(2, q.size(2), q.size(2)), num_heads); }
+  int64_t num_heads;
 };
 
 template <typename Backend>
-MsaActivations msa_inputs(const at::Tensor& x, int64_t n_keep, int64_t num_heads, const MsaParams& p,
-                          double eps) {
-  const int64_t C = x.size(2);
-  auto [normed, mean, rstd] = Backend::layer_norm(x, p.ln_weight, p.ln_bias, eps);
-  const auto q = at::linear(normed.narrow(1, 0, n_keep), p.qkv_weight.narrow(0, 0, C),
-                            p.qkv_bias.narrow(0, 0, C));
-  const auto kv = at::linear(normed, p.qkv_weight.narrow(0, C, 2 * C), p.qkv_bias.narrow(0, C, 2 * C));
-  return {normed, mean, rstd, split_heads(q, num_heads),
-          split_heads(kv.narrow(2, 0, C), num_heads), split_heads(kv.narrow(2, C, C), num_heads)};
+MsaProjections msa_projections(const at::Tensor& normed, int64_t n_keep, int64_t num_heads,
+                               const MsaParams& p) {
+  const int64_t C = normed.size(2);
+  return {at::linear(normed.narrow(1, 0, n_keep), p.qkv_weight.narrow(0, 0, C),
+                     p.qkv_bias.narrow(0, 0, C)),
+          at::linear(normed, p.qkv_weight.narrow(0, C, 2 * C), p.qkv_bias.narrow(0, C, 2 * C)),
+          num_heads};
 }
 
 inline double attention_scale(int64_t channels, int64_t heads) {
@@ -130,24 +137,39 @@ inline double attention_scale(int64_t channels, int64_t heads) {
 }
 
 // (projected attention (B, n, C) without bias, probabilities (B, H, n, N)).
+// The attention core as GEMM, softmax kernel, GEMM: for backends without a fused
+// attention kernel.
 template <typename Backend>
-std::tuple<at::Tensor, at::Tensor> msa_core(const at::Tensor& x, int64_t n_keep, int64_t num_heads,
-                                            const MsaParams& p, double eps) {
-  const auto a = msa_inputs<Backend>(x, n_keep, num_heads, p, eps);
-  auto probs = at::matmul(a.q, a.k.transpose(-2, -1));
-  Backend::softmax_(probs, attention_scale(x.size(2), num_heads));
-  const auto context = merge_heads(at::matmul(probs, a.v));
-  return {at::matmul(context, p.proj_weight.t()), probs};
+std::tuple<at::Tensor, at::Tensor> unfused_attention(const at::Tensor& q, const at::Tensor& k,
+                                                     const at::Tensor& v, double scale) {
+  auto probs = at::matmul(q, k.transpose(-2, -1));
+  Backend::softmax_(probs, scale);
+  return {merge_heads(at::matmul(probs, v)), probs};
+}
+
+// The attention sub-layer without the output bias and residual.
+struct MsaForward {
+  at::Tensor projected, probs, q, kv, context;
+};
+
+template <typename Backend>
+MsaForward msa_core(const at::Tensor& x, int64_t n_keep, int64_t num_heads, const MsaParams& p,
+                    double eps, bool want_probs) {
+  const auto normed = std::get<0>(Backend::layer_norm(x, p.ln_weight, p.ln_bias, eps));
+  const auto proj = msa_projections<Backend>(normed, n_keep, num_heads, p);
+  auto [context, probs] = Backend::attention(proj.q_heads(), proj.k_heads(), proj.v_heads(),
+                                             attention_scale(x.size(2), num_heads), want_probs);
+  return {at::matmul(context, p.proj_weight.t()), probs, proj.q, proj.kv, context};
 }
 
 template <typename Backend>
-std::tuple<at::Tensor, at::Tensor> pruned_msa(const at::Tensor& x, int64_t n_keep, int64_t num_heads,
-                                              const MsaParams& p, double eps) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> pruned_msa(
+    const at::Tensor& x, int64_t n_keep, int64_t num_heads, const MsaParams& p, double eps) {
   check_msa(x, n_keep, num_heads, p, "pruned_msa");
   Backend::check_dtype(x, "pruned_msa");
-  auto [out, probs] = msa_core<Backend>(x, n_keep, num_heads, p, eps);
-  Backend::bias_residual_(out, p.proj_bias, x.narrow(1, 0, n_keep));
-  return {out, probs};
+  auto f = msa_core<Backend>(x, n_keep, num_heads, p, eps, /*want_probs=*/true);
+  Backend::bias_residual_(f.projected, p.proj_bias, x.narrow(1, 0, n_keep));
+  return {f.projected, f.probs, f.q, f.kv, f.context};
 }
 
 // x[:, :n] += bias + Proj(Attn(…)), in place: untouched rows are never read or written
@@ -158,15 +180,16 @@ void pruned_msa_(const at::Tensor& x, int64_t n_keep, int64_t num_heads, const M
   check_msa(x, n_keep, num_heads, p, "pruned_msa_");
   Backend::check_dtype(x, "pruned_msa_");
   TORCH_CHECK(x.stride(2) == 1, "pruned_msa_: x must have a contiguous channel dimension");
-  const auto [projected, probs] = msa_core<Backend>(x, n_keep, num_heads, p, eps);
-  Backend::bias_residual_(x.narrow(1, 0, n_keep), p.proj_bias, projected);
+  const auto f = msa_core<Backend>(x, n_keep, num_heads, p, eps, /*want_probs=*/false);
+  Backend::bias_residual_(x.narrow(1, 0, n_keep), p.proj_bias, f.projected);
 }
 
 template <typename Backend>
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
 pruned_msa_backward(const at::Tensor& grad_out_arg, const c10::optional<at::Tensor>& grad_probs,
                     const at::Tensor& x, int64_t n_keep, int64_t num_heads, const MsaParams& p,
-                    double eps, const at::Tensor& probs_arg) {
+                    double eps, const at::Tensor& probs_arg, const at::Tensor& q,
+                    const at::Tensor& kv, const at::Tensor& context) {
   constexpr const char* op = "pruned_msa_backward";
   check_msa(x, n_keep, num_heads, p, op);
   Backend::check_dtype(x, op);
@@ -175,22 +198,26 @@ pruned_msa_backward(const at::Tensor& grad_out_arg, const c10::optional<at::Tens
   const int64_t C = x.size(2);
   check_param(probs_arg, x, {B, num_heads, n_keep, N}, op, "attn", "(B, H, n_keep, N)");
   check_param(grad_out_arg, x, {B, n_keep, C}, op, "grad_out", "(B, n_keep, C)");
+  check_param(q, x, {B, n_keep, C}, op, "q", "(B, n_keep, C)");
+  check_param(kv, x, {B, N, 2 * C}, op, "kv", "(B, N, 2C)");
+  check_param(context, x, {B, n_keep, C}, op, "context", "(B, n_keep, C)");
   const auto probs = probs_arg.contiguous();
   const auto grad_out = grad_out_arg.contiguous();
-  const auto a = msa_inputs<Backend>(x, n_keep, num_heads, p, eps);
-  const auto context = merge_heads(at::matmul(probs, a.v));
+  const auto [normed, mean, rstd] = Backend::layer_norm(x, p.ln_weight, p.ln_bias, eps);
+  const MsaProjections a{q, kv, num_heads};
+  const auto v_heads = a.v_heads();
 
   const auto grad_proj_weight = weight_grad(grad_out, context);
   const auto grad_proj_bias = grad_out.sum({0, 1});
   const auto grad_context = split_heads(at::matmul(grad_out, p.proj_weight), num_heads);
   const auto grad_v = at::matmul(probs.transpose(-2, -1), grad_context);
-  auto grad_logits = at::matmul(grad_context, a.v.transpose(-2, -1));
+  auto grad_logits = at::matmul(grad_context, v_heads.transpose(-2, -1));
   if (grad_probs.has_value() && grad_probs->defined()) {
     grad_logits.add_(*grad_probs);
   }
   Backend::softmax_backward_(grad_logits, probs, attention_scale(C, num_heads));
-  const auto grad_q = merge_heads(at::matmul(grad_logits, a.k));
-  const auto grad_kv = at::cat({merge_heads(at::matmul(grad_logits.transpose(-2, -1), a.q)),
+  const auto grad_q = merge_heads(at::matmul(grad_logits, a.k_heads()));
+  const auto grad_kv = at::cat({merge_heads(at::matmul(grad_logits.transpose(-2, -1), a.q_heads())),
                                 merge_heads(grad_v)},
                                2);
 
@@ -198,42 +225,34 @@ pruned_msa_backward(const at::Tensor& grad_out_arg, const c10::optional<at::Tens
   auto grad_normed = at::matmul(grad_kv, kv_weight);
   grad_normed.narrow(1, 0, n_keep).add_(at::matmul(grad_q, p.qkv_weight.narrow(0, 0, C)));
   const auto grad_qkv_weight = at::cat(
-      {weight_grad(grad_q, a.normed.narrow(1, 0, n_keep)), weight_grad(grad_kv, a.normed)}, 0);
+      {weight_grad(grad_q, normed.narrow(1, 0, n_keep)), weight_grad(grad_kv, normed)}, 0);
   const auto grad_qkv_bias = at::cat({grad_q.sum({0, 1}), grad_kv.sum({0, 1})}, 0);
 
   auto [grad_x, grad_ln_weight, grad_ln_bias] =
-      Backend::layer_norm_backward(grad_normed, x, a.mean, a.rstd, p.ln_weight);
+      Backend::layer_norm_backward(grad_normed, x, mean, rstd, p.ln_weight);
   grad_x.narrow(1, 0, n_keep).add_(grad_out);
   return {grad_x,          grad_ln_weight,   grad_ln_bias,  grad_qkv_weight,
           grad_qkv_bias,   grad_proj_weight, grad_proj_bias};
 }
 
-// LN2 and FC1 (before its bias and GELU): what the MLP forward and backward share.
-struct MlpActivations {
-  at::Tensor normed, mean, rstd, pre;
-};
-
+// FC2(GELU(FC1(LN2(x)) + bias)) without FC2's bias, and FC1's output before bias.
 template <typename Backend>
-MlpActivations mlp_hidden(const at::Tensor& x, const MlpParams& p, double eps) {
-  auto [normed, mean, rstd] = Backend::layer_norm(x, p.ln_weight, p.ln_bias, eps);
+std::tuple<at::Tensor, at::Tensor> mlp_core(const at::Tensor& x, const MlpParams& p, double eps,
+                                            bool keep_pre) {
+  const auto normed = std::get<0>(Backend::layer_norm(x, p.ln_weight, p.ln_bias, eps));
   auto pre = at::matmul(normed, p.fc1_weight.t());
-  return {normed, mean, rstd, pre};
-}
-
-template <typename Backend>
-at::Tensor mlp_core(const at::Tensor& x, const MlpParams& p, double eps) {
-  auto hidden = mlp_hidden<Backend>(x, p, eps).pre;
+  auto hidden = keep_pre ? pre.clone() : pre;
   Backend::bias_gelu_(hidden, p.fc1_bias);
-  return at::matmul(hidden, p.fc2_weight.t());
+  return {at::matmul(hidden, p.fc2_weight.t()), keep_pre ? pre : at::Tensor()};
 }
 
 template <typename Backend>
-at::Tensor pruned_mlp(const at::Tensor& x, const MlpParams& p, double eps) {
+std::tuple<at::Tensor, at::Tensor> pruned_mlp(const at::Tensor& x, const MlpParams& p, double eps) {
   check_mlp(x, p, "pruned_mlp");
   Backend::check_dtype(x, "pruned_mlp");
-  auto out = mlp_core<Backend>(x, p, eps);
+  auto [out, pre] = mlp_core<Backend>(x, p, eps, /*keep_pre=*/true);
   Backend::bias_residual_(out, p.fc2_bias, x);
-  return out;
+  return {out, pre};
 }
 
 template <typename Backend>
@@ -241,32 +260,33 @@ void pruned_mlp_(const at::Tensor& x, const MlpParams& p, double eps) {
   check_mlp(x, p, "pruned_mlp_");
   Backend::check_dtype(x, "pruned_mlp_");
   TORCH_CHECK(x.stride(2) == 1, "pruned_mlp_: x must have a contiguous channel dimension");
-  const auto out = mlp_core<Backend>(x, p, eps);
+  const auto out = std::get<0>(mlp_core<Backend>(x, p, eps, /*keep_pre=*/false));
   Backend::bias_residual_(x, p.fc2_bias, out);
 }
 
 template <typename Backend>
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
 pruned_mlp_backward(const at::Tensor& grad_out_arg, const at::Tensor& x, const MlpParams& p,
-                    double eps) {
+                    double eps, const at::Tensor& pre) {
   constexpr const char* op = "pruned_mlp_backward";
   check_mlp(x, p, op);
   Backend::check_dtype(x, op);
   check_param(grad_out_arg, x, x.sizes(), op, "grad_out", "(B, n, C)");
+  check_param(pre, x, {x.size(0), x.size(1), p.fc1_weight.size(0)}, op, "pre", "(B, n, D)");
   const auto grad_out = grad_out_arg.contiguous();
-  const auto a = mlp_hidden<Backend>(x, p, eps);
-  auto hidden = a.pre.clone();
+  const auto [normed, mean, rstd] = Backend::layer_norm(x, p.ln_weight, p.ln_bias, eps);
+  auto hidden = pre.clone();
   Backend::bias_gelu_(hidden, p.fc1_bias);
 
   const auto grad_fc2_weight = weight_grad(grad_out, hidden);
   const auto grad_fc2_bias = grad_out.sum({0, 1});
   auto grad_pre = at::matmul(grad_out, p.fc2_weight);
-  Backend::bias_gelu_backward_(grad_pre, a.pre, p.fc1_bias);
-  const auto grad_fc1_weight = weight_grad(grad_pre, a.normed);
+  Backend::bias_gelu_backward_(grad_pre, pre, p.fc1_bias);
+  const auto grad_fc1_weight = weight_grad(grad_pre, normed);
   const auto grad_fc1_bias = grad_pre.sum({0, 1});
   const auto grad_normed = at::matmul(grad_pre, p.fc1_weight);
   auto [grad_x, grad_ln_weight, grad_ln_bias] =
-      Backend::layer_norm_backward(grad_normed, x, a.mean, a.rstd, p.ln_weight);
+      Backend::layer_norm_backward(grad_normed, x, mean, rstd, p.ln_weight);
   grad_x.add_(grad_out);
   return {grad_x,          grad_ln_weight,  grad_ln_bias,  grad_fc1_weight,
           grad_fc1_bias,   grad_fc2_weight, grad_fc2_bias};
@@ -278,7 +298,8 @@ using Grads7 =
 // The ops with their schema's flat signatures, for TORCH_LIBRARY_IMPL.
 template <typename Backend>
 struct Ops {
-  static std::tuple<at::Tensor, at::Tensor> msa(const at::Tensor& x, int64_t n_keep, int64_t heads,
+  static std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> msa(
+      const at::Tensor& x, int64_t n_keep, int64_t heads,
                                                 const at::Tensor& ln_w, const at::Tensor& ln_b,
                                                 const at::Tensor& qkv_w, const at::Tensor& qkv_b,
                                                 const at::Tensor& proj_w, const at::Tensor& proj_b,
@@ -294,11 +315,14 @@ struct Ops {
                              const at::Tensor& x, int64_t n_keep, int64_t heads,
                              const at::Tensor& ln_w, const at::Tensor& ln_b, const at::Tensor& qkv_w,
                              const at::Tensor& qkv_b, const at::Tensor& proj_w,
-                             const at::Tensor& proj_b, double eps, const at::Tensor& attn) {
+                             const at::Tensor& proj_b, double eps, const at::Tensor& attn,
+                             const at::Tensor& q, const at::Tensor& kv, const at::Tensor& context) {
     return pruned_msa_backward<Backend>(grad_out, grad_attn, x, n_keep, heads,
-                                        {ln_w, ln_b, qkv_w, qkv_b, proj_w, proj_b}, eps, attn);
+                                        {ln_w, ln_b, qkv_w, qkv_b, proj_w, proj_b}, eps, attn, q,
+                                        kv, context);
   }
-  static at::Tensor mlp(const at::Tensor& x, const at::Tensor& ln_w, const at::Tensor& ln_b,
+  static std::tuple<at::Tensor, at::Tensor> mlp(const at::Tensor& x, const at::Tensor& ln_w,
+                                                const at::Tensor& ln_b,
                         const at::Tensor& fc1_w, const at::Tensor& fc1_b, const at::Tensor& fc2_w,
                         const at::Tensor& fc2_b, double eps) {
     return pruned_mlp<Backend>(x, {ln_w, ln_b, fc1_w, fc1_b, fc2_w, fc2_b}, eps);
@@ -311,8 +335,9 @@ struct Ops {
   static Grads7 mlp_backward(const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& ln_w,
                              const at::Tensor& ln_b, const at::Tensor& fc1_w,
                              const at::Tensor& fc1_b, const at::Tensor& fc2_w,
-                             const at::Tensor& fc2_b, double eps) {
-    return pruned_mlp_backward<Backend>(grad_out, x, {ln_w, ln_b, fc1_w, fc1_b, fc2_w, fc2_b}, eps);
+                             const at::Tensor& fc2_b, double eps, const at::Tensor& pre) {
+    return pruned_mlp_backward<Backend>(grad_out, x, {ln_w, ln_b, fc1_w, fc1_b, fc2_w, fc2_b}, eps,
+                                        pre);
   }
 
   static void register_kernels(torch::Library& m) {

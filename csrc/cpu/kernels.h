@@ -114,6 +114,25 @@ struct BiasResidualArgs {
   int64_t cols;
 };
 
+// Queries per pass of the fused attention kernel; its scratch holds
+// dim * keys + kAttentionRows * keys elements.
+constexpr int kAttentionRows = 4;
+
+// Fused attention core for one (image, head) pair at a time: the n queries against
+// all N keys, softmax, times V. q, k, v, out are (B, H, rows, d) views with a
+// contiguous d; strides are (batch, head, row).
+template <typename T>
+struct AttentionArgs {
+  const T* q;
+  const T* k;
+  const T* v;
+  T* out;
+  T* probs;  // (B, H, n, N) contiguous, or nullptr when not wanted
+  int64_t q_strides[3], k_strides[3], v_strides[3], out_strides[3];
+  int64_t heads, queries, keys, dim;
+  T scale;
+};
+
 // One ISA's kernels. Each processes rows [begin, end).
 template <typename T>
 struct CpuKernels {
@@ -131,6 +150,8 @@ struct CpuKernels {
   void (*bias_gelu)(const BiasGeluArgs<T>&, int64_t begin, int64_t end);
   void (*bias_gelu_backward)(const BiasGeluBackwardArgs<T>&, int64_t begin, int64_t end);
   void (*bias_residual)(const BiasResidualArgs<T>&, int64_t begin, int64_t end);
+  // (image, head) pairs [begin, end); scratch as kAttentionRows says.
+  void (*attention)(const AttentionArgs<T>&, int64_t begin, int64_t end, T* scratch);
 };
 
 namespace scalar {

@@ -5,6 +5,7 @@
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -37,6 +38,13 @@ void for_rows(const at::Tensor& t, const Args& args, Kernel kernel) {
   const int64_t cols = std::max<int64_t>(1, t.size(-1));
   at::parallel_for(0, row_count(t), std::max<int64_t>(1, kElementsPerTask / cols),
                    [&](int64_t begin, int64_t end) { kernel(args, begin, end); });
+}
+
+// (B, H, rows, d) view strides, as the attention kernel takes them.
+void head_strides(const at::Tensor& t, int64_t (&strides)[3]) {
+  strides[0] = t.stride(0);
+  strides[1] = t.stride(1);
+  strides[2] = t.stride(2);
 }
 
 struct CpuBlock {
@@ -94,6 +102,50 @@ struct CpuBlock {
                                                 grad.size(-1)};
       for_rows(grad, args, kernels_for<scalar_t>(checked_cpu_isa()).bias_gelu_backward);
     });
+  }
+
+  static std::tuple<at::Tensor, at::Tensor> attention(const at::Tensor& q, const at::Tensor& k,
+                                                      const at::Tensor& v, double scale,
+                                                      bool want_probs) {
+    const int64_t B = q.size(0);
+    const int64_t H = q.size(1);
+    const int64_t n = q.size(2);
+    const int64_t d = q.size(3);
+    const int64_t N = k.size(2);
+    auto context = at::empty({B, n, H * d}, q.options());
+    // Heads side by side in the context rows: (B, H, n, d) view of (B, n, C).
+    const auto out = context.view({B, n, H, d}).transpose(1, 2);
+    at::Tensor probs = want_probs ? at::empty({B, H, n, N}, q.options()) : at::Tensor();
+    if (context.numel() == 0) return {context, probs};
+    const int64_t threads = at::get_num_threads();
+    const int64_t scratch_size = (d + kAttentionRows) * N;
+    auto scratch = at::empty({threads, scratch_size}, q.options());
+    AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "attention_cpu", [&] {
+      AttentionArgs<scalar_t> args{q.const_data_ptr<scalar_t>(),
+                                   k.const_data_ptr<scalar_t>(),
+                                   v.const_data_ptr<scalar_t>(),
+                                   out.mutable_data_ptr<scalar_t>(),
+                                   want_probs ? probs.mutable_data_ptr<scalar_t>() : nullptr,
+                                   {},
+                                   {},
+                                   {},
+                                   {},
+                                   H,
+                                   n,
+                                   N,
+                                   d,
+                                   static_cast<scalar_t>(scale)};
+      head_strides(q, args.q_strides);
+      head_strides(k, args.k_strides);
+      head_strides(v, args.v_strides);
+      head_strides(out, args.out_strides);
+      const auto kernel = kernels_for<scalar_t>(checked_cpu_isa()).attention;
+      scalar_t* scratch_data = scratch.mutable_data_ptr<scalar_t>();
+      at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
+        kernel(args, begin, end, scratch_data + at::get_thread_num() * scratch_size);
+      });
+    });
+    return {context, probs};
   }
 
   static void bias_residual_(const at::Tensor& out, const at::Tensor& bias,

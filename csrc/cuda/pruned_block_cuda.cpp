@@ -93,6 +93,12 @@ struct CudaBlock {
     });
   }
 
+  static std::tuple<at::Tensor, at::Tensor> attention(const at::Tensor& q, const at::Tensor& k,
+                                                      const at::Tensor& v, double scale,
+                                                      bool /*want_probs*/) {
+    return block::unfused_attention<CudaBlock>(q, k, v, scale);
+  }
+
   static void bias_residual_(const at::Tensor& out, const at::Tensor& bias,
                              const at::Tensor& residual) {
     const c10::cuda::CUDAGuard guard(out.device());

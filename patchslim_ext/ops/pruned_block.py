@@ -1,8 +1,8 @@
 """Fake kernels, autograd and Python entry points of the pruned-block ops.
 
-The forward ops keep only the attention probabilities for the backward, which
-recomputes LN and the input projections from the inputs (see
-csrc/common/pruned_block_ops.h).
+Besides their results, the forward ops return the activations their backward reads
+(Q, the K|V projection and the attention context; FC1's pre-activation), as
+``native_layer_norm`` returns its statistics; the Python entry points hide them.
 """
 
 from __future__ import annotations
@@ -24,7 +24,13 @@ def _check_x(x: Tensor, n_keep: int, num_heads: int) -> None:
 def _pruned_msa_fake(x, n_keep, num_heads, *params_and_eps):
     _check_x(x, n_keep, num_heads)
     batch, tokens, channels = x.shape
-    return x.new_empty(batch, n_keep, channels), x.new_empty(batch, num_heads, n_keep, tokens)
+    return (
+        x.new_empty(batch, n_keep, channels),
+        x.new_empty(batch, num_heads, n_keep, tokens),
+        x.new_empty(batch, n_keep, channels),
+        x.new_empty(batch, tokens, 2 * channels),
+        x.new_empty(batch, n_keep, channels),
+    )
 
 
 @torch.library.register_fake("patchslim::pruned_msa_")
@@ -39,9 +45,13 @@ def _pruned_msa_backward_fake(grad_out, grad_attn, x, n_keep, num_heads, *rest):
 
 
 @torch.library.register_fake("patchslim::pruned_mlp")
-def _pruned_mlp_fake(x, *params_and_eps):
+def _pruned_mlp_fake(x, ln_weight, ln_bias, fc1_weight, *rest):
     torch._check(x.dim() == 3, lambda: f"x must have shape (B, n, C), got {tuple(x.shape)}")
-    return torch.empty_like(x, memory_format=torch.contiguous_format)
+    batch, kept, _ = x.shape
+    return (
+        torch.empty_like(x, memory_format=torch.contiguous_format),
+        x.new_empty(batch, kept, fc1_weight.shape[0]),
+    )
 
 
 @torch.library.register_fake("patchslim::pruned_mlp_")
@@ -60,28 +70,30 @@ def _pruned_mlp_backward_fake(grad_out, x, *rest):
 
 def _msa_setup_context(ctx, inputs, output) -> None:
     x, n_keep, num_heads, *params, eps = inputs
-    ctx.save_for_backward(x, *params, output[1])
+    _out, attn, q, kv, context = output
+    ctx.save_for_backward(x, *params, attn, q, kv, context)
     ctx.n_keep, ctx.num_heads, ctx.eps = n_keep, num_heads, eps
 
 
-def _msa_backward(ctx, grad_out: Tensor, grad_attn: Tensor | None):
-    x, *params, attn = ctx.saved_tensors
-    grads = torch.ops.patchslim.pruned_msa_backward(
-        grad_out, grad_attn, x, ctx.n_keep, ctx.num_heads, *params, ctx.eps, attn
+def _msa_backward(ctx, grad_out: Tensor, grad_attn: Tensor | None, *_saved_grads):
+    x, *params, attn, q, kv, context = ctx.saved_tensors
+    grad_x, *param_grads = torch.ops.patchslim.pruned_msa_backward(
+        grad_out, grad_attn, x, ctx.n_keep, ctx.num_heads, *params, ctx.eps, attn, q, kv, context
     )
-    grad_x, *param_grads = grads
     return grad_x, None, None, *param_grads, None
 
 
 def _mlp_setup_context(ctx, inputs, output) -> None:
     x, *params, eps = inputs
-    ctx.save_for_backward(x, *params)
+    ctx.save_for_backward(x, *params, output[1])
     ctx.eps = eps
 
 
-def _mlp_backward(ctx, grad_out: Tensor):
-    x, *params = ctx.saved_tensors
-    grad_x, *param_grads = torch.ops.patchslim.pruned_mlp_backward(grad_out, x, *params, ctx.eps)
+def _mlp_backward(ctx, grad_out: Tensor, _grad_pre: Tensor | None):
+    x, *params, pre = ctx.saved_tensors
+    grad_x, *param_grads = torch.ops.patchslim.pruned_mlp_backward(
+        grad_out, x, *params, ctx.eps, pre
+    )
     return grad_x, *param_grads, None
 
 
@@ -116,7 +128,7 @@ def pruned_msa(
         ``x[:, :n_keep] + Proj(Attn(LN1(x)[:, :n_keep], LN1(x), LN1(x)))``, (B, n_keep, C),
         and the attention probabilities, (B, H, n_keep, N).
     """
-    return torch.ops.patchslim.pruned_msa(
+    out, attn, *_saved = torch.ops.patchslim.pruned_msa(
         x,
         n_keep,
         num_heads,
@@ -128,6 +140,7 @@ def pruned_msa(
         proj_bias,
         eps,
     )
+    return out, attn
 
 
 def pruned_mlp(
@@ -141,6 +154,7 @@ def pruned_mlp(
     eps: float = 1e-6,
 ) -> Tensor:
     """The MLP sub-layer on the kept rows: (B, n, C) -> ``x + FC2(GELU(FC1(LN2(x))))``."""
-    return torch.ops.patchslim.pruned_mlp(
+    out, _pre = torch.ops.patchslim.pruned_mlp(
         x, ln_weight, ln_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, eps
     )
+    return out

@@ -87,3 +87,74 @@ void bias_residual_rows(const BiasResidualArgs<T>& a, int64_t begin, int64_t end
     });
   }
 }
+
+// kRows queries at a time against one (image, head) pair's keys: scores = scale·q Kᵀ
+// into scratch rows, softmax, out = p V. Accumulators stay in registers and each
+// load of Kᵀ or V feeds kRows FMAs.
+template <typename T, int kRows>
+void attention_query_block(const AttentionArgs<T>& a, int64_t pair, int64_t first, const T* kt,
+                           const T* v, T* scores) {
+  using V = Vec<T>;
+  const int64_t N = a.keys;
+  const int64_t d = a.dim;
+  const int64_t b = pair / a.heads;
+  const int64_t h = pair % a.heads;
+  const T* q[kRows];
+  T* out[kRows];
+  for (int r = 0; r < kRows; ++r) {
+    const int64_t i = first + r;
+    q[r] = a.q + b * a.q_strides[0] + h * a.q_strides[1] + i * a.q_strides[2];
+    out[r] = a.out + b * a.out_strides[0] + h * a.out_strides[1] + i * a.out_strides[2];
+  }
+  for_each_chunk<T>(N, [&](int64_t c, int64_t n) {
+    V acc[kRows];
+    for (int r = 0; r < kRows; ++r) acc[r] = V::zero();
+    for (int64_t t = 0; t < d; ++t) {
+      const V keys = load_chunk(kt + t * N + c, n, T(0));
+      for (int r = 0; r < kRows; ++r) acc[r] = V::fma(V::broadcast(q[r][t] * a.scale), keys, acc[r]);
+    }
+    for (int r = 0; r < kRows; ++r) store_chunk(acc[r], scores + r * N + c, n);
+  });
+  const SoftmaxArgs<T> softmax{{scores, 0, N, kRows}, N, T(1)};
+  softmax_rows(softmax, 0, kRows);
+  if (a.probs != nullptr) {
+    for (int r = 0; r < kRows; ++r) {
+      T* p = a.probs + (pair * a.queries + first + r) * N;
+      for (int64_t j = 0; j < N; ++j) p[j] = scores[r * N + j];
+    }
+  }
+  for_each_chunk<T>(d, [&](int64_t c, int64_t n) {
+    V acc[kRows];
+    for (int r = 0; r < kRows; ++r) acc[r] = V::zero();
+    for (int64_t j = 0; j < N; ++j) {
+      const V values = load_chunk(v + j * a.v_strides[2] + c, n, T(0));
+      for (int r = 0; r < kRows; ++r) acc[r] = V::fma(V::broadcast(scores[r * N + j]), values, acc[r]);
+    }
+    for (int r = 0; r < kRows; ++r) store_chunk(acc[r], out[r] + c, n);
+  });
+}
+
+// Every query of (image, head) pairs [begin, end). Kᵀ is staged in scratch (d × N)
+// so scores are N-wide vector FMAs; scratch also holds kAttentionRows score rows.
+template <typename T>
+void attention_heads(const AttentionArgs<T>& a, int64_t begin, int64_t end, T* scratch) {
+  const int64_t N = a.keys;
+  const int64_t d = a.dim;
+  T* kt = scratch;
+  T* scores = scratch + d * N;
+  for (int64_t pair = begin; pair < end; ++pair) {
+    const int64_t b = pair / a.heads;
+    const int64_t h = pair % a.heads;
+    const T* k = a.k + b * a.k_strides[0] + h * a.k_strides[1];
+    const T* v = a.v + b * a.v_strides[0] + h * a.v_strides[1];
+    for (int64_t j = 0; j < N; ++j) {
+      const T* row = k + j * a.k_strides[2];
+      for (int64_t t = 0; t < d; ++t) kt[t * N + j] = row[t];
+    }
+    int64_t i = 0;
+    for (; i + kAttentionRows <= a.queries; i += kAttentionRows) {
+      attention_query_block<T, kAttentionRows>(a, pair, i, kt, v, scores);
+    }
+    for (; i < a.queries; ++i) attention_query_block<T, 1>(a, pair, i, kt, v, scores);
+  }
+}
