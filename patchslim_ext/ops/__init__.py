@@ -43,31 +43,36 @@ float32. Not differentiable.
 Pruned block (paper Eq. 2, DESIGN.md §3): block input ``x`` (B, N, C) whose kept tokens
 are rows ``[0, n_keep)``; weights in timm's layout. dtypes: CPU float32/float64; CUDA
 float32/float16/bfloat16. The forward ops are differentiable in every floating input
-(their backward ops recompute LN and the input projections); the ``_`` ops update
-``x`` in place for inference.
+through their own backward ops; besides their results they return the activations
+the backward reads (as ``native_layer_norm`` returns its statistics). The ``_`` ops
+update ``x`` in place for inference.
 
 ``patchslim::pruned_msa(Tensor x, SymInt n_keep, int num_heads, Tensor ln_weight,
 Tensor ln_bias, Tensor qkv_weight, Tensor qkv_bias, Tensor proj_weight, Tensor proj_bias,
-float eps) -> (Tensor out, Tensor attn)``
+float eps) -> (Tensor out, Tensor attn, Tensor q, Tensor kv, Tensor context)``
     ``out`` (B, n_keep, C) = ``x[:, :n] + Proj(softmax(Q Kᵀ/√d) V)`` with ``Q`` from
     ``LN1(x)[:, :n]`` and ``K, V`` from all N rows of ``LN1(x)``; ``attn`` (B, H, n_keep, N)
-    the probabilities. ``qkv_weight`` (3C, C), ``qkv_bias`` (3C,), ``proj_weight`` (C, C).
+    the probabilities; saved for the backward: ``q`` (B, n_keep, C), ``kv`` (B, N, 2C),
+    ``context`` (B, n_keep, C). ``qkv_weight`` (3C, C), ``qkv_bias`` (3C,),
+    ``proj_weight`` (C, C). On CPU the attention core is one fused kernel.
 
-``patchslim::pruned_msa_(Tensor(a!) x, …) -> ()``: the same, written into ``x[:, :n_keep]``.
+``patchslim::pruned_msa_(Tensor(a!) x, …) -> ()``: the same, written into ``x[:, :n_keep]``;
+no probabilities are formed.
 
 ``patchslim::pruned_msa_backward(Tensor grad_out, Tensor? grad_attn, Tensor x, …,
-Tensor attn) -> (grad_x, grad_ln_weight, grad_ln_bias, grad_qkv_weight, grad_qkv_bias,
-grad_proj_weight, grad_proj_bias)``
+Tensor attn, Tensor q, Tensor kv, Tensor context) -> (grad_x, grad_ln_weight, grad_ln_bias,
+grad_qkv_weight, grad_qkv_bias, grad_proj_weight, grad_proj_bias)``
 
 ``patchslim::pruned_mlp(Tensor x, Tensor ln_weight, Tensor ln_bias, Tensor fc1_weight,
-Tensor fc1_bias, Tensor fc2_weight, Tensor fc2_bias, float eps) -> Tensor``
-    Kept rows ``x`` (B, n, C) to ``x + FC2(GELU(FC1(LN2(x))))``; ``fc1_weight`` (D, C),
+Tensor fc1_bias, Tensor fc2_weight, Tensor fc2_bias, float eps) -> (Tensor out, Tensor pre)``
+    Kept rows ``x`` (B, n, C) to ``x + FC2(GELU(FC1(LN2(x))))``; ``pre`` (B, n, D) is FC1's
+    output before bias and GELU, saved for the backward. ``fc1_weight`` (D, C),
     ``fc2_weight`` (C, D); exact GELU.
 
 ``patchslim::pruned_mlp_(Tensor(a!) x, …) -> ()``: the same, in place.
 
-``patchslim::pruned_mlp_backward(Tensor grad_out, Tensor x, …) -> (grad_x, grad_ln_weight,
-grad_ln_bias, grad_fc1_weight, grad_fc1_bias, grad_fc2_weight, grad_fc2_bias)``
+``patchslim::pruned_mlp_backward(Tensor grad_out, Tensor x, …, Tensor pre) -> (grad_x,
+grad_ln_weight, grad_ln_bias, grad_fc1_weight, grad_fc1_bias, grad_fc2_weight, grad_fc2_bias)``
 """
 
 import torch  # noqa: F401  (loads libtorch before the extension that links it)
