@@ -29,6 +29,18 @@ def cpu_isas() -> list[str]:
     return order[: order.index(_C.detected_cpu_isa()) + 1]
 
 
+def randomise_parameters(module: torch.nn.Module, seed: int, scale: float = 0.2) -> torch.nn.Module:
+    """Random values in every parameter (biases, norms, embeddings too), not the init:
+    N(0, scale²), plus 1 on LayerNorm weights so the norms stay well scaled."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in module.named_parameters():
+            param.copy_(torch.randn(param.shape, generator=gen) * scale)
+            if "norm" in name and name.endswith("weight"):
+                param.add_(1.0)
+    return module
+
+
 @pytest.fixture
 def cpu_isa_env(monkeypatch):
     """Set PATCHSLIM_CPU_ISA for one test: ``cpu_isa_env("avx2")``."""

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import cpu_and_cuda, cpu_isas
+from conftest import cpu_and_cuda, cpu_isas, randomise_parameters
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -20,18 +20,8 @@ CONFIG = ViTConfig(
 )
 
 
-def _randomise(module, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, param in module.named_parameters():
-            param.copy_(torch.randn(param.shape, generator=gen) * 0.3)
-            if "norm" in name and name.endswith("weight"):
-                param.add_(1.0)
-    return module
-
-
 def _model(dtype=torch.float32, seed=0):
-    return _randomise(VisionTransformer.from_config(CONFIG), seed).to(dtype)
+    return randomise_parameters(VisionTransformer.from_config(CONFIG), seed, scale=0.3).to(dtype)
 
 
 def _random_plan(config, seed):

@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import randomise_parameters
 from torch import nn
 
 import patchslim_ext as ps
@@ -48,17 +49,6 @@ def reference_forward(state: dict[str, torch.Tensor], config: ViTConfig, images:
     return linear(norm(x, "norm")[:, 0], "head")
 
 
-def _randomise(model: nn.Module, seed: int) -> None:
-    """Random values everywhere (biases, norms and embeddings too), not the init."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for param in model.parameters():
-            param.copy_(torch.randn(param.shape, generator=gen) * 0.2)
-        for name, param in model.named_parameters():
-            if "norm" in name and name.endswith("weight"):
-                param.add_(1.0)
-
-
 CONFIGS = [
     ViTConfig(
         img_size=28, patch_size=4, in_chans=1, num_classes=10, embed_dim=96, depth=2, num_heads=3
@@ -89,7 +79,7 @@ CONFIGS = [
 @pytest.mark.parametrize("batch", [1, 7])
 def test_forward_matches_reference(config, batch):
     model = VisionTransformer.from_config(config).eval()
-    _randomise(model, seed=batch)
+    randomise_parameters(model, seed=batch)
     images = torch.randn(batch, config.in_chans, config.img_size, config.img_size)
     with torch.no_grad():
         logits = model(images)
@@ -193,7 +183,7 @@ class _TimmViT(nn.Module):
 def test_from_timm_converts_and_matches():
     config = CONFIGS[1]
     timm_like = _TimmViT(config)
-    _randomise(timm_like, seed=3)
+    randomise_parameters(timm_like, seed=3)
     model = ps.from_timm(timm_like)
     assert model.config == config
     for key, value in timm_like.state_dict().items():

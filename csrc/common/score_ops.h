@@ -109,22 +109,23 @@ inline at::Tensor per_head_products(const at::Tensor& attn, const at::Tensor& ri
 //   static at::Tensor row_dot(x (B, H, N, D), y (B, H, N, D), scale);  // scale·Σ_h Σ_d x·y -> (B, N)
 // Both take inputs whose last dimension is contiguous.
 template <typename Backend>
-at::Tensor score_chain_step(const at::Tensor& S, const at::Tensor& attn, int64_t n_out) {
-  constexpr const char* op = "score_chain_step";
+void check_step(const at::Tensor& state, const at::Tensor& attn, int64_t n_out, bool factored,
+                const char* op) {
   check_attn(attn, op);
-  check_state(S, attn, /*factored=*/false, op);
+  check_state(state, attn, factored, op);
   check_n_out(n_out, attn, op);
   Backend::check_dtype(attn, op);
+}
+
+template <typename Backend>
+at::Tensor score_chain_step(const at::Tensor& S, const at::Tensor& attn, int64_t n_out) {
+  check_step<Backend>(S, attn, n_out, /*factored=*/false, "score_chain_step");
   return chain_step(S, attn, n_out);
 }
 
 template <typename Backend>
 at::Tensor score_factor_step(const at::Tensor& F, const at::Tensor& attn, int64_t n_out) {
-  constexpr const char* op = "score_factor_step";
-  check_attn(attn, op);
-  check_state(F, attn, /*factored=*/true, op);
-  check_n_out(n_out, attn, op);
-  Backend::check_dtype(attn, op);
+  check_step<Backend>(F, attn, n_out, /*factored=*/true, "score_factor_step");
   return factor_products(F, attn, n_out);
 }
 

@@ -8,22 +8,11 @@
 #include <cstdint>
 
 #include "common/cpu_isa.h"
+#include "common/row_view.h"
 
 namespace patchslim::cpu {
 
-// Rows of a (B, N, C) tensor whose last dimension is contiguous; row r of the
-// first `rows_per_batch` rows of each batch is (r / rows_per_batch, r % rows_per_batch).
-template <typename T>
-struct RowView {
-  T* data;
-  int64_t batch_stride;
-  int64_t row_stride;
-  int64_t rows_per_batch;
-
-  T* row(int64_t r) const {
-    return data + (r / rows_per_batch) * batch_stride + (r % rows_per_batch) * row_stride;
-  }
-};
+using patchslim::RowView;
 
 template <typename T>
 struct LayerNormForwardArgs {

@@ -1,7 +1,7 @@
 #pragma once
 
-// Helpers shared by the CUDA kernels: float <-> storage type conversions, warp
-// reductions, row addressing.
+// Helpers shared by the CUDA kernels: float <-> storage type conversions and warp
+// reductions.
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -35,11 +35,6 @@ __device__ __forceinline__ float warp_max(float x) {
 #pragma unroll
   for (int offset = 16; offset > 0; offset /= 2) x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, offset));
   return x;
-}
-
-template <typename T>
-__device__ __forceinline__ T* row_at(const RowView<T>& v, int64_t r) {
-  return v.data + (r / v.rows_per_batch) * v.batch_stride + (r % v.rows_per_batch) * v.row_stride;
 }
 
 }  // namespace patchslim::cuda

@@ -11,16 +11,11 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include "common/row_view.h"
+
 namespace patchslim::cuda {
 
-// Rows [0, rows_per_batch) of each batch of a (B, N, C) tensor with unit channel stride.
-template <typename T>
-struct RowView {
-  T* data;
-  int64_t batch_stride;
-  int64_t row_stride;
-  int64_t rows_per_batch;
-};
+using patchslim::RowView;
 
 // T is float, __half or __nv_bfloat16; statistics are float32.
 template <typename T>

@@ -21,7 +21,7 @@ __global__ void forward_kernel(RowView<const T> input, T* __restrict__ output, f
                                const T* __restrict__ bias, int64_t rows, int64_t C, float eps) {
   const int64_t r = static_cast<int64_t>(blockIdx.x) * kRowsPerBlock + threadIdx.y;
   if (r >= rows) return;
-  const T* x = row_at(input, r);
+  const T* x = input.row(r);
   float sum = 0.f;
   for (int64_t c = threadIdx.x; c < C; c += kWarp) sum += to_float(x[c]);
   const float mu = warp_sum(sum) / static_cast<float>(C);
@@ -49,7 +49,7 @@ __global__ void backward_input_kernel(const T* __restrict__ grad_output, RowView
   const int64_t r = static_cast<int64_t>(blockIdx.x) * kRowsPerBlock + threadIdx.y;
   if (r >= rows) return;
   const T* g = grad_output + r * C;
-  const T* x = row_at(input, r);
+  const T* x = input.row(r);
   const float mu = mean[r];
   const float rs = rstd[r];
   float sum_gw = 0.f;
@@ -61,7 +61,7 @@ __global__ void backward_input_kernel(const T* __restrict__ grad_output, RowView
   }
   const float mean_gw = warp_sum(sum_gw) / static_cast<float>(C);
   const float mean_gw_xhat = warp_sum(sum_gw_xhat) / static_cast<float>(C);
-  T* dx = row_at(grad_input, r);
+  T* dx = grad_input.row(r);
   for (int64_t c = threadIdx.x; c < C; c += kWarp) {
     const float xhat = (to_float(x[c]) - mu) * rs;
     const float gw = to_float(g[c]) * to_float(weight[c]);
@@ -84,7 +84,7 @@ __global__ void backward_params_kernel(const T* __restrict__ grad_output, RowVie
   if (c < C) {
     for (int64_t r = threadIdx.y; r < rows; r += kRowsPerBlock) {
       const float g = to_float(grad_output[r * C + c]);
-      dw += g * (to_float(row_at(input, r)[c]) - mean[r]) * rstd[r];
+      dw += g * (to_float(input.row(r)[c]) - mean[r]) * rstd[r];
       db += g;
     }
   }

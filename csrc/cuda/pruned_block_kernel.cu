@@ -21,7 +21,7 @@ template <typename T>
 __global__ void softmax_forward_kernel(RowView<T> scores, int64_t rows, int64_t cols, float scale) {
   const int64_t r = static_cast<int64_t>(blockIdx.x) * kRowsPerBlock + threadIdx.y;
   if (r >= rows) return;
-  T* row = row_at(scores, r);
+  T* row = scores.row(r);
   float best = -INFINITY;
   for (int64_t c = threadIdx.x; c < cols; c += kWarp) best = fmaxf(best, to_float(row[c]) * scale);
   best = warp_max(best);
@@ -38,8 +38,8 @@ __global__ void softmax_backward_kernel(RowView<const T> probs, RowView<T> grad,
                                         int64_t cols, float scale) {
   const int64_t r = static_cast<int64_t>(blockIdx.x) * kRowsPerBlock + threadIdx.y;
   if (r >= rows) return;
-  const T* p = row_at(probs, r);
-  T* g = row_at(grad, r);
+  const T* p = probs.row(r);
+  T* g = grad.row(r);
   float dot = 0.f;
   for (int64_t c = threadIdx.x; c < cols; c += kWarp) dot += to_float(g[c]) * to_float(p[c]);
   dot = warp_sum(dot);
@@ -56,7 +56,7 @@ __global__ void bias_gelu_kernel(RowView<T> hidden, const T* __restrict__ bias, 
   const int64_t i = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
   if (i >= total) return;
   const int64_t c = i % cols;
-  T* h = row_at(hidden, i / cols) + c;
+  T* h = hidden.row(i / cols) + c;
   const float x = to_float(*h) + to_float(bias[c]);
   *h = from_float<T>(x * normal_cdf(x));
 }
@@ -68,9 +68,9 @@ __global__ void bias_gelu_backward_kernel(RowView<const T> pre, const T* __restr
   if (i >= total) return;
   const int64_t r = i / cols;
   const int64_t c = i % cols;
-  const float x = to_float(row_at(pre, r)[c]) + to_float(bias[c]);
+  const float x = to_float(pre.row(r)[c]) + to_float(bias[c]);
   const float slope = normal_cdf(x) + x * kInvSqrt2Pi * __expf(-0.5f * x * x);
-  T* g = row_at(grad, r) + c;
+  T* g = grad.row(r) + c;
   *g = from_float<T>(to_float(*g) * slope);
 }
 
@@ -81,8 +81,8 @@ __global__ void bias_residual_kernel(RowView<T> out, const T* __restrict__ bias,
   if (i >= total) return;
   const int64_t r = i / cols;
   const int64_t c = i % cols;
-  T* o = row_at(out, r) + c;
-  *o = from_float<T>(to_float(*o) + to_float(bias[c]) + to_float(row_at(residual, r)[c]));
+  T* o = out.row(r) + c;
+  *o = from_float<T>(to_float(*o) + to_float(bias[c]) + to_float(residual.row(r)[c]));
 }
 
 unsigned int row_blocks(int64_t rows) {

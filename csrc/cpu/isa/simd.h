@@ -41,24 +41,10 @@ struct Vec<float> {
   static Vec where_nonneg(Vec cond, Vec a, Vec b) {
     return {_mm512_mask_blend_ps(_mm512_cmp_ps_mask(cond.v, _mm512_setzero_ps(), _CMP_GE_OQ), b.v, a.v)};
   }
-  // e^x: x = k·ln2 + r with |r| <= ln2/2, e^r by its degree-6 Taylor polynomial
-  // (relative error < 2e-7 on that interval), then scaled by 2^k.
-  static Vec exp(Vec x) {
-    const __m512 clamped = _mm512_max_ps(_mm512_min_ps(x.v, _mm512_set1_ps(88.3762626647949f)),
-                                         _mm512_set1_ps(-87.3365447504019f));
-    const __m512 k = _mm512_roundscale_ps(_mm512_mul_ps(clamped, _mm512_set1_ps(1.44269504088896341f)),
-                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m512 r = _mm512_fnmadd_ps(k, _mm512_set1_ps(0.693359375f), clamped);
-    r = _mm512_fnmadd_ps(k, _mm512_set1_ps(-2.12194440e-4f), r);
-    __m512 p = _mm512_set1_ps(1.0f / 720);
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 120));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
-    return {_mm512_scalef_ps(p, k)};
-  }
+  Vec min(Vec b) const { return {_mm512_min_ps(v, b.v)}; }
+  Vec round() const { return {_mm512_roundscale_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)}; }
+  // v · 2^k for integer-valued k.
+  Vec scale_pow2(Vec k) const { return {_mm512_scalef_ps(v, k.v)}; }
   static __mmask16 lane_mask(int64_t count) { return static_cast<__mmask16>((1u << count) - 1u); }
 };
 
@@ -130,23 +116,12 @@ struct Vec<float> {
     for (int64_t i = 1; i < size; ++i) best = lanes[i] > best ? lanes[i] : best;
     return best;
   }
-  // As the AVX-512 version; 2^k is built in the exponent bits.
-  static Vec exp(Vec x) {
-    const __m256 clamped = _mm256_max_ps(_mm256_min_ps(x.v, _mm256_set1_ps(88.3762626647949f)),
-                                         _mm256_set1_ps(-87.3365447504019f));
-    const __m256 k = _mm256_round_ps(_mm256_mul_ps(clamped, _mm256_set1_ps(1.44269504088896341f)),
-                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m256 r = _mm256_fnmadd_ps(k, _mm256_set1_ps(0.693359375f), clamped);
-    r = _mm256_fnmadd_ps(k, _mm256_set1_ps(-2.12194440e-4f), r);
-    __m256 p = _mm256_set1_ps(1.0f / 720);
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 120));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 24));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 6));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.5f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
-    const __m256i scale = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(k), _mm256_set1_epi32(127)), 23);
-    return {_mm256_mul_ps(p, _mm256_castsi256_ps(scale))};
+  Vec min(Vec b) const { return {_mm256_min_ps(v, b.v)}; }
+  Vec round() const { return {_mm256_round_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)}; }
+  // v · 2^k for integer-valued k in the normal exponent range, built in the exponent bits.
+  Vec scale_pow2(Vec k) const {
+    const __m256i bits = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(k.v), _mm256_set1_epi32(127)), 23);
+    return {_mm256_mul_ps(v, _mm256_castsi256_ps(bits))};
   }
 };
 
