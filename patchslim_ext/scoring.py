@@ -83,12 +83,11 @@ def _to_prefix_order(
     return permuted, z_in[:, order]
 
 
-def chain_diagonal(attn_above: Sequence[Tensor], tokens: int) -> Tensor:
+def chain_diagonal(attn_above: Sequence[Tensor]) -> Tensor:
     """``diag(S_t)``, (B, N), from the maps of blocks t+1 … L.
 
     Args:
         attn_above: ``[P_{t+1}, …, P_L]``, each (B, H, n_l, N) on its kept rows.
-        tokens: N.
     """
     top = attn_above[-1]
     batch, kept = top.shape[0], top.shape[2]
@@ -106,8 +105,6 @@ def chain_diagonal(attn_above: Sequence[Tensor], tokens: int) -> Tensor:
             state = score_factor_step(state, maps, next_kept)
         else:
             state = score_chain_step(state, maps, next_kept)
-    if not factored and state.shape[1] > attn_above[0].shape[2]:
-        state = state.contiguous()
     return score_chain_diagonal(state, attn_above[0], factored)
 
 
@@ -146,11 +143,7 @@ def per_image_scores(
             return attn[0].square().sum((1, 3))
         if method == "rollout":
             return _rollout_scores(attn, z_in.abs())
-        tokens = z_in.shape[1]
-        if len(attn) == 1:
-            s_diag = z_in.new_ones(z_in.shape[:2])
-        else:
-            s_diag = chain_diagonal(attn[1:], tokens)
+        s_diag = z_in.new_ones(z_in.shape[:2]) if len(attn) == 1 else chain_diagonal(attn[1:])
         return patch_scores(s_diag, attn[0], z_in)
 
 
