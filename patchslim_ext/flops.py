@@ -41,15 +41,10 @@ def _prefix_layer_norm_flops(inputs: list[Any], outputs: list[Any]) -> int:
     return LAYER_NORM_FLOPS_PER_ELEMENT * _prod(get_shape(outputs[0]))
 
 
-def _n_keep(value: Any) -> int:
-    return int(value.toIValue())
-
-
-def _pruned_msa_flops(inputs: list[Any], outputs: list[Any]) -> int:
-    # LN1 and K, V on all N rows; Q, Q·Kᵀ, P·V and the projection on n_keep rows.
-    batch, tokens, channels = get_shape(inputs[0])
-    kept = _n_keep(inputs[1])
-    return batch * (
+def msa_flops(tokens: int, kept: int, channels: int) -> int:
+    """Attention sub-layer, one image: LN1 and K, V on all N tokens; Q, Q·Kᵀ, P·V and
+    the output projection on the kept ones."""
+    return (
         LAYER_NORM_FLOPS_PER_ELEMENT * tokens * channels
         + 2 * tokens * channels * channels
         + 2 * kept * channels * channels
@@ -57,10 +52,19 @@ def _pruned_msa_flops(inputs: list[Any], outputs: list[Any]) -> int:
     )
 
 
+def mlp_flops(kept: int, channels: int, hidden: int) -> int:
+    """MLP sub-layer on the kept tokens, one image: LN2, FC1, FC2."""
+    return kept * (LAYER_NORM_FLOPS_PER_ELEMENT * channels + 2 * channels * hidden)
+
+
+def _pruned_msa_flops(inputs: list[Any], outputs: list[Any]) -> int:
+    batch, tokens, channels = get_shape(inputs[0])
+    return batch * msa_flops(tokens, int(inputs[1].toIValue()), channels)
+
+
 def _pruned_mlp_flops(inputs: list[Any], outputs: list[Any]) -> int:
     batch, kept, channels = get_shape(inputs[0])
-    hidden = get_shape(inputs[3])[0]
-    return batch * kept * (LAYER_NORM_FLOPS_PER_ELEMENT * channels + 2 * channels * hidden)
+    return batch * mlp_flops(kept, channels, get_shape(inputs[3])[0])
 
 
 OP_HANDLES = {
@@ -111,15 +115,8 @@ def block_flops(config: ViTConfig, n_keep: int) -> int:
     LN1 and the K, V projections run on all N tokens; Q, attention, the output
     projection, LN2 and the MLP on the kept ones. ``n_keep = N`` is the dense block.
     """
-    n_all, dim = config.num_tokens, config.embed_dim
-    return (
-        LAYER_NORM_FLOPS_PER_ELEMENT * n_all * dim
-        + 2 * n_all * dim * dim
-        + n_keep * dim * dim
-        + 2 * n_keep * n_all * dim
-        + n_keep * dim * dim
-        + LAYER_NORM_FLOPS_PER_ELEMENT * n_keep * dim
-        + 2 * n_keep * dim * config.mlp_hidden
+    return msa_flops(config.num_tokens, n_keep, config.embed_dim) + mlp_flops(
+        n_keep, config.embed_dim, config.mlp_hidden
     )
 
 

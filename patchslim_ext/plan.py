@@ -60,10 +60,6 @@ class SlimPlan:
     def depth(self) -> int:
         return len(self.keep_counts)
 
-    @property
-    def is_dense(self) -> bool:
-        return all(n == self.num_tokens for n in self.keep_counts)
-
     @classmethod
     def dense(cls, num_tokens: int, depth: int) -> SlimPlan:
         """Every block updates every token."""

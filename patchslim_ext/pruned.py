@@ -66,7 +66,9 @@ class PrunedViT(nn.Module):
         self.blocks = model.blocks
         self.norm = model.norm
         self.head = model.head
+        # The model's own embedding and head: the same modules, registered above.
         self._embed = model.embed
+        self._classify = model.forward_head
         self.register_buffer("token_order", plan.token_order.clone(), persistent=False)
         self._identity_order = bool(torch.equal(plan.token_order, torch.arange(plan.num_tokens)))
 
@@ -102,7 +104,7 @@ class PrunedViT(nn.Module):
 
     def forward_head(self, tokens: Tensor) -> Tensor:
         """Class-token logits; the class token is first in every plan's order."""
-        return self.head(self.norm(tokens, n_rows=1)[:, 0])
+        return self._classify(tokens)
 
     def forward_with_attention(
         self, images: Tensor, attention_blocks: Iterable[int]
