@@ -12,7 +12,8 @@
 //   check_dtype(t, op)
 //   layer_norm(x (B, R, C), weight, bias, eps) -> (y, mean, rstd)
 //   layer_norm_backward(grad (B, R, C), x, mean, rstd, weight) -> (dx, dweight, dbias)
-//   softmax_(scores (B, H, n, N), scale)                     p = softmax(scale·s)
+//   softmax_(scores (B, H, n, N), scale)                     p = softmax(scale·s);
+//                                                            only for unfused_attention
 //   softmax_backward_(grad (B, H, n, N), probs, scale)       dP -> scale·dlogits
 //   bias_gelu_(h (B, n, D), bias)                            h = GELU(h + bias)
 //   bias_gelu_backward_(grad (B, n, D), pre, bias)           grad *= GELU'(pre + bias)

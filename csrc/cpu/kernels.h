@@ -134,7 +134,6 @@ struct CpuKernels {
   void (*column_dot)(const ColumnDotArgs<T>&, int64_t begin, int64_t end);
   // Rows r = b * N + i in [begin, end).
   void (*row_dot)(const RowDotArgs<T>&, int64_t begin, int64_t end);
-  void (*softmax)(const SoftmaxArgs<T>&, int64_t begin, int64_t end);
   void (*softmax_backward)(const SoftmaxBackwardArgs<T>&, int64_t begin, int64_t end);
   void (*bias_gelu)(const BiasGeluArgs<T>&, int64_t begin, int64_t end);
   void (*bias_gelu_backward)(const BiasGeluBackwardArgs<T>&, int64_t begin, int64_t end);

@@ -63,15 +63,6 @@ struct CpuBlock {
     return prefix_layer_norm_backward_cpu(grad, x, x.size(1), mean, rstd, weight);
   }
 
-  static void softmax_(const at::Tensor& scores, double scale) {
-    TORCH_INTERNAL_ASSERT(scores.is_contiguous());
-    AT_DISPATCH_FLOATING_TYPES(scores.scalar_type(), "softmax_cpu", [&] {
-      const SoftmaxArgs<scalar_t> args{rows_of(scores.mutable_data_ptr<scalar_t>(), scores),
-                                       scores.size(-1), static_cast<scalar_t>(scale)};
-      for_rows(scores, args, kernels_for<scalar_t>(checked_cpu_isa()).softmax);
-    });
-  }
-
   static void softmax_backward_(const at::Tensor& grad, const at::Tensor& probs, double scale) {
     TORCH_INTERNAL_ASSERT(grad.is_contiguous() && probs.is_contiguous());
     AT_DISPATCH_FLOATING_TYPES(grad.scalar_type(), "softmax_backward_cpu", [&] {
