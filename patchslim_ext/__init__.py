@@ -4,9 +4,12 @@ Importing the package loads the compiled operators (``torch.ops.patchslim``).
 """
 
 from patchslim_ext import ops
+from patchslim_ext.checkpoint import load_checkpoint, load_model, save_model
 from patchslim_ext.flops import count_flops, flops_of
 from patchslim_ext.plan import SlimPlan
 from patchslim_ext.pruned import PrunedViT
+from patchslim_ext.slimming import BlockLog, SlimResult, slim
+from patchslim_ext.training import evaluate, finetune, train
 from patchslim_ext.vit import (
     VisionTransformer,
     ViTConfig,
@@ -20,8 +23,10 @@ from patchslim_ext.vit import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "BlockLog",
     "PrunedViT",
     "SlimPlan",
+    "SlimResult",
     "ViTConfig",
     "VisionTransformer",
     "count_flops",
@@ -29,7 +34,14 @@ __all__ = [
     "deit_small_patch16_224",
     "deit_tiny_patch16_224",
     "digits_vit",
+    "evaluate",
+    "finetune",
     "flops_of",
     "from_timm",
+    "load_checkpoint",
+    "load_model",
     "ops",
+    "save_model",
+    "slim",
+    "train",
 ]

@@ -1,7 +1,7 @@
 """Reading and writing model weights without pickle.
 
-- ``.safetensors`` files (ours carry the :class:`~patchslim_ext.vit.ViTConfig` as JSON
-  metadata), and
+- ``.safetensors`` files (ours carry the :class:`~patchslim_ext.vit.ViTConfig`, and for
+  a slimmed model its :class:`~patchslim_ext.plan.SlimPlan`, as JSON metadata), and
 - ``.pth``/``.pt`` files read with ``torch.load(..., weights_only=True)``, such as the
   official DeiT checkpoints whose ``"model"`` entry is a timm state dict.
 """
@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -19,6 +20,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, safe_open, save_file
 from torch import Tensor, nn
 
+from patchslim_ext.plan import SlimPlan
+from patchslim_ext.pruned import PrunedViT
 from patchslim_ext.vit import VisionTransformer, ViTConfig
 
 _FORMAT = "patchslim-vit"
@@ -47,7 +50,10 @@ def load_state_dict_file(path: str | os.PathLike) -> dict[str, Tensor]:
     try:
         if path.suffix == ".safetensors":
             return load_file(path)
-        payload = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():
+            # A file that is not a checkpoint is reported below, in one line.
+            warnings.simplefilter("ignore", UserWarning)
+            payload = torch.load(path, map_location="cpu", weights_only=True)
     except (
         SafetensorError,
         pickle.UnpicklingError,
@@ -56,7 +62,9 @@ def load_state_dict_file(path: str | os.PathLike) -> dict[str, Tensor]:
         EOFError,
         ValueError,
     ) as error:
-        raise CheckpointError(f"cannot read checkpoint {path}: {error}") from error
+        # torch's unpickling errors span paragraphs; the first line names the problem.
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise CheckpointError(f"cannot read checkpoint {path}: {reason}") from error
     if isinstance(payload, Mapping):
         for entry in ("model", "state_dict"):
             if isinstance(payload.get(entry), Mapping):
@@ -131,14 +139,26 @@ def config_from_state_dict(
     )
 
 
-def save_model(model: VisionTransformer, path: str | os.PathLike) -> None:
-    """Write weights and config to ``path`` (safetensors), atomically."""
+def save_model(model: VisionTransformer | PrunedViT, path: str | os.PathLike) -> None:
+    """Write weights and config (and a slimmed model's plan) to ``path`` (safetensors),
+    atomically: a temporary file is renamed over ``path``."""
     path = Path(path)
     metadata = {"format": _FORMAT, "config": json.dumps(model.config.to_dict())}
+    if isinstance(model, PrunedViT):
+        metadata["plan"] = model.plan.to_json()
     tensors = {key: value.detach().contiguous().cpu() for key, value in model.state_dict().items()}
+    path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(path.name + ".partial")
     save_file(tensors, partial, metadata=metadata)
     os.replace(partial, path)
+
+
+def _metadata(path: Path) -> dict[str, str]:
+    if path.suffix != ".safetensors":
+        return {}
+    with safe_open(path, framework="pt") as handle:
+        metadata = handle.metadata() or {}
+    return metadata if metadata.get("format") == _FORMAT else {}
 
 
 def load_model(path: str | os.PathLike, num_heads: int | None = None) -> VisionTransformer:
@@ -146,14 +166,26 @@ def load_model(path: str | os.PathLike, num_heads: int | None = None) -> VisionT
     or from any timm/DeiT state dict (config inferred, see :func:`config_from_state_dict`)."""
     path = Path(path)
     state_dict = load_state_dict_file(path)
-    config = None
-    if path.suffix == ".safetensors":
-        with safe_open(path, framework="pt") as handle:
-            metadata = handle.metadata() or {}
-        if metadata.get("format") == _FORMAT:
-            config = ViTConfig.from_dict(json.loads(metadata["config"]))
-    if config is None:
+    metadata = _metadata(path)
+    if "config" in metadata:
+        config = ViTConfig.from_dict(json.loads(metadata["config"]))
+    else:
         config = config_from_state_dict(state_dict, num_heads)
     model = VisionTransformer.from_config(config)
     load_state_dict_strict(model, state_dict)
     return model
+
+
+def load_checkpoint(
+    path: str | os.PathLike, num_heads: int | None = None
+) -> VisionTransformer | PrunedViT:
+    """Like :func:`load_model`, but a checkpoint that holds a plan comes back as the
+    :class:`PrunedViT` it was saved from."""
+    model = load_model(path, num_heads)
+    plan = _metadata(Path(path)).get("plan")
+    if plan is None:
+        return model
+    try:
+        return PrunedViT(model, SlimPlan.from_json(plan))
+    except ValueError as error:
+        raise CheckpointError(f"{path}: invalid plan: {error}") from None

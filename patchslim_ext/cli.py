@@ -11,16 +11,39 @@ import argparse
 import json
 import logging
 import sys
+import time
 from collections.abc import Sequence
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from patchslim_ext import _C
-from patchslim_ext.checkpoint import CheckpointError, load_model
+from patchslim_ext.benchmark import (
+    PAPER_FLOP_REDUCTION,
+    TABLE_HEADERS,
+    describe_machine,
+    markdown_table,
+    run_benchmarks,
+    table_row,
+)
+from patchslim_ext.checkpoint import CheckpointError, load_checkpoint, save_model
+from patchslim_ext.data import DIGITS, DIGITS_SPLITS, load_dataset
+from patchslim_ext.demo import DemoSettings, format_demo, run_demo
 from patchslim_ext.flops import block_flops, flop_analysis, flops_of
 from patchslim_ext.ops import cpu_isa
+from patchslim_ext.pruned import PrunedViT
+from patchslim_ext.scoring import SCORE_METHODS
+from patchslim_ext.slimming import SCHEDULES, slim
+from patchslim_ext.training import (
+    DISTILLATION_MODES,
+    evaluate,
+    finetune,
+    init_distributed,
+    process_group,
+    train,
+)
 from patchslim_ext.vit import MODEL_FACTORIES, VisionTransformer
 
 DEFAULT_MODEL = "digits_vit"
@@ -41,17 +64,269 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(message)
 
 
-def _build_model(args: argparse.Namespace) -> tuple[str, VisionTransformer]:
+def _build_model(args: argparse.Namespace) -> tuple[str, VisionTransformer | PrunedViT]:
     if args.checkpoint is not None:
         try:
-            return str(args.checkpoint), load_model(args.checkpoint)
+            return str(args.checkpoint), load_checkpoint(args.checkpoint)
         except (FileNotFoundError, CheckpointError) as error:
             raise UsageError(str(error)) from None
+    torch.manual_seed(getattr(args, "seed", 0))
     return args.model, MODEL_FACTORIES[args.model]()
 
 
-def _flops_report(name: str, model: VisionTransformer) -> dict[str, Any]:
+def _dataset(source: str, split: str, model: VisionTransformer | PrunedViT) -> Any:
     config = model.config
+    try:
+        return load_dataset(source, split, config.img_size, config.in_chans)
+    except (FileNotFoundError, ValueError) as error:
+        raise UsageError(f"--data {source}: {error}") from None
+
+
+def _eval_dataset(args: argparse.Namespace, model: VisionTransformer | PrunedViT) -> Any:
+    """The held-out set: the digits' test split, or ``--eval-data`` for image folders."""
+    if args.eval_data is not None:
+        return _dataset(args.eval_data, "test", model)
+    if args.data == DIGITS:
+        return _dataset(DIGITS, "test", model)
+    return None
+
+
+def _report(args: argparse.Namespace, summary: dict[str, Any], lines: Sequence[str]) -> None:
+    if process_group()[0] != 0:
+        return
+    if args.json:
+        print(json.dumps(summary))
+    else:
+        for line in lines:
+            print(line)
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    init_distributed()
+    name, model = _build_model(args)
+    data = _dataset(args.data, "train", model)
+    held_out = _eval_dataset(args, model)
+    start = time.perf_counter()
+    logs = train(
+        model,
+        data,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        weight_decay=args.weight_decay,
+        warmup_epochs=args.warmup_epochs,
+        label_smoothing=args.label_smoothing,
+        max_shift=args.shift,
+        seed=args.seed,
+        num_workers=args.workers,
+        progress=not args.json,
+        on_epoch_end=lambda log: _progress_line(args, log),
+    )
+    seconds = time.perf_counter() - start
+    accuracy = evaluate(model, held_out) if held_out is not None else None
+    if process_group()[0] == 0:
+        save_model(model, args.out)
+    summary = {
+        "model": name,
+        "checkpoint": str(args.out),
+        "train_images": len(data),
+        "epochs": [log.to_dict() for log in logs],
+        "seconds": seconds,
+        "held_out": accuracy,
+    }
+    lines = [f"trained {name} on {len(data)} images in {seconds:.0f} s -> {args.out}"]
+    if accuracy is not None:
+        lines.append(f"held-out top-1: {accuracy['top1']:.2f}% ({accuracy['images']} images)")
+    _report(args, summary, lines)
+    return 0
+
+
+def _keep_counts(model: VisionTransformer | PrunedViT) -> list[int]:
+    if isinstance(model, PrunedViT):
+        return list(model.plan.keep_counts)
+    return [model.config.num_tokens] * model.config.depth
+
+
+def _dense_model(args: argparse.Namespace) -> tuple[str, VisionTransformer]:
+    name, model = _build_model(args)
+    if isinstance(model, PrunedViT):
+        raise UsageError(f"{name} is already slimmed; give the dense model")
+    return name, model
+
+
+def _load(path: Path, role: str) -> VisionTransformer | PrunedViT:
+    try:
+        return load_checkpoint(path)
+    except (FileNotFoundError, CheckpointError) as error:
+        raise UsageError(f"{role}: {error}") from None
+
+
+def _cmd_slim(args: argparse.Namespace) -> int:
+    init_distributed()
+    name, model = _dense_model(args)
+    calib = _dataset(args.data, "train", model)
+    run_dir = args.run_dir or args.out.with_name(args.out.name + ".run")
+    result = slim(
+        model,
+        calib,
+        eps=args.eps,
+        r=args.r,
+        block_epochs=args.block_epochs,
+        score=args.score,
+        schedule=args.schedule,
+        flops_ratio=args.flops_ratio,
+        keep_counts=args.keep_counts,
+        calib_size=args.calib_size,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        seed=args.seed,
+        run_dir=run_dir,
+        progress=not args.json,
+    )
+    if process_group()[0] == 0:
+        save_model(result.model, args.out)
+    dense = flops_of(model.config)
+    summary = {
+        "model": name,
+        "checkpoint": str(args.out),
+        "run_dir": str(run_dir),
+        "keep_counts": list(result.plan.keep_counts),
+        "dense_flops": dense,
+        "slim_flops": result.flops,
+        "flop_reduction": 1 - result.flops / dense,
+        "blocks": [asdict(entry) for entry in result.log],
+    }
+    lines = [f"{'block':>5}  {'kept':>5}  {'steps':>5}  {'E_(l+1)':>9}  {'seconds':>7}"]
+    for entry in sorted(result.log, key=lambda e: e.block):
+        lines.append(
+            f"{entry.block:>5}  {entry.kept:>5}  {len(entry.errors):>5}  "
+            f"{entry.errors[-1]:>9.5f}  {entry.seconds:>7.1f}"
+        )
+    lines.append(
+        f"keep counts {list(result.plan.keep_counts)}: {dense / 1e9:.4f} -> "
+        f"{result.flops / 1e9:.4f} GFLOPs ({100 * summary['flop_reduction']:.1f}% fewer) "
+        f"-> {args.out}"
+    )
+    _report(args, summary, lines)
+    return 0
+
+
+def _cmd_finetune(args: argparse.Namespace) -> int:
+    init_distributed()
+    slimmed = _load(args.checkpoint, "--checkpoint")
+    teacher = _load(args.teacher, "--teacher")
+    if isinstance(teacher, PrunedViT):
+        raise UsageError("--teacher must be the dense model")
+    if teacher.config != slimmed.config:
+        raise UsageError("--teacher and --checkpoint have different architectures")
+    data = _dataset(args.data, "train", slimmed)
+    held_out = _eval_dataset(args, slimmed)
+    logs = finetune(
+        slimmed,
+        teacher,
+        data,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        distillation=args.distillation,
+        distill_weight=args.distill_weight,
+        temperature=args.temperature,
+        max_shift=args.shift,
+        seed=args.seed,
+        num_workers=args.workers,
+        progress=not args.json,
+        on_epoch_end=lambda log: _progress_line(args, log),
+    )
+    accuracy = evaluate(slimmed, held_out) if held_out is not None else None
+    if process_group()[0] == 0:
+        save_model(slimmed, args.out)
+    summary = {
+        "checkpoint": str(args.out),
+        "epochs": [log.to_dict() for log in logs],
+        "held_out": accuracy,
+    }
+    lines = [f"fine-tuned {args.checkpoint} for {args.epochs} epochs -> {args.out}"]
+    if accuracy is not None:
+        lines.append(f"held-out top-1: {accuracy['top1']:.2f}% ({accuracy['images']} images)")
+    _report(args, summary, lines)
+    return 0
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    init_distributed()
+    model = _load(args.checkpoint, "--checkpoint")
+    if args.data == DIGITS:
+        data = _dataset(DIGITS, args.split, model)
+    else:
+        data = _dataset(args.data, "test", model)
+    accuracy = evaluate(model, data, batch_size=args.batch_size, progress=not args.json)
+    keep_counts = _keep_counts(model)
+    summary = {
+        "checkpoint": str(args.checkpoint),
+        **accuracy,
+        "flops": flops_of(model.config, keep_counts),
+        "dense_flops": flops_of(model.config),
+        "keep_counts": keep_counts,
+    }
+    lines = [
+        f"{args.checkpoint}: top-1 {accuracy['top1']:.2f}% on {accuracy['images']} images, "
+        f"loss {accuracy['loss']:.4f}, {summary['flops'] / 1e9:.4f} GFLOPs"
+    ]
+    _report(args, summary, lines)
+    return 0
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda: CUDA is not available here")
+    rows = run_benchmarks(
+        args.models,
+        batches=args.batch,
+        dtype=getattr(torch, args.dtype),
+        device=device,
+        repeats=args.repeats,
+        cuda_graphs=args.cuda_graphs,
+        progress=not args.json,
+    )
+    records = [row.to_dict() for row in rows]
+    table = markdown_table(TABLE_HEADERS, [table_row(row) for row in rows])
+    if args.out is not None:
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "bench.json").write_text(json.dumps(records, indent=2))
+        (args.out / "bench.md").write_text(f"{describe_machine(device)}\n\n{table}\n")
+    _report(args, {"machine": describe_machine(device), "rows": records}, [table])
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    summary = run_demo(
+        args.out_dir,
+        DemoSettings(
+            eps=args.eps,
+            r=args.r,
+            block_epochs=args.block_epochs,
+            calib_size=args.calib_size,
+            finetune_epochs=args.finetune_epochs,
+            seed=args.seed,
+        ),
+        progress=not args.json,
+    )
+    _report(args, summary, format_demo(summary))
+    return 0
+
+
+def _progress_line(args: argparse.Namespace, log: Any) -> None:
+    if not args.json and process_group()[0] == 0:
+        print(
+            f"epoch {log.epoch}: loss {log.loss:.4f}, lr {log.lr:.2e}, {log.seconds:.1f} s",
+            file=sys.stderr,
+        )
+
+
+def _flops_report(name: str, model: VisionTransformer | PrunedViT) -> dict[str, Any]:
+    config = model.config
+    keep_counts = _keep_counts(model)
     images = torch.zeros(1, config.in_chans, config.img_size, config.img_size)
     # fvcore logs "never called" for modules it cannot see; our report covers all.
     logging.getLogger("fvcore.nn.jit_analysis").setLevel(logging.ERROR)
@@ -59,14 +334,17 @@ def _flops_report(name: str, model: VisionTransformer) -> dict[str, Any]:
         analysis = flop_analysis(model.eval(), (images,))
         per_module = analysis.by_module()
         total = int(analysis.total())
+    # A PrunedViT calls the block ops itself, so fvcore sees no per-block modules.
     blocks = [
         {
             "block": index + 1,
-            "tokens": config.num_tokens,
-            "fvcore": int(per_module[f"blocks.{index}"]),
-            "analytic": block_flops(config, config.num_tokens),
+            "tokens": kept,
+            "fvcore": int(per_module[f"blocks.{index}"])
+            if per_module.get(f"blocks.{index}")
+            else None,
+            "analytic": block_flops(config, kept),
         }
-        for index in range(config.depth)
+        for index, kept in enumerate(keep_counts)
     ]
     return {
         "model": name,
@@ -74,7 +352,8 @@ def _flops_report(name: str, model: VisionTransformer) -> dict[str, Any]:
         "parameters": sum(p.numel() for p in model.parameters()),
         "blocks": blocks,
         "fvcore_total": total,
-        "analytic_total": flops_of(config),
+        "analytic_total": flops_of(config, keep_counts),
+        "dense_total": flops_of(config),
         "unsupported_ops": dict(analysis.unsupported_ops()),
         "paper_gflops": PAPER_GFLOPS.get(name),
     }
@@ -89,14 +368,17 @@ def _print_flops(report: dict[str, Any]) -> None:
     )
     print(f"{'block':>5}  {'tokens':>6}  {'fvcore MFLOPs':>14}  {'analytic MFLOPs':>15}")
     for row in report["blocks"]:
+        fvcore = "-" if row["fvcore"] is None else f"{row['fvcore'] / 1e6:.3f}"
         print(
-            f"{row['block']:>5}  {row['tokens']:>6}  {row['fvcore'] / 1e6:>14.3f}  "
-            f"{row['analytic'] / 1e6:>15.3f}"
+            f"{row['block']:>5}  {row['tokens']:>6}  {fvcore:>14}  {row['analytic'] / 1e6:>15.3f}"
         )
     line = (
         f"total: fvcore {report['fvcore_total'] / 1e9:.4f} GFLOPs, "
         f"analytic {report['analytic_total'] / 1e9:.4f} GFLOPs"
     )
+    if report["analytic_total"] != report["dense_total"]:
+        reduction = 1 - report["analytic_total"] / report["dense_total"]
+        line += f", {100 * reduction:.1f}% below dense"
     if report["paper_gflops"] is not None:
         line += f", paper (Table 1) {report['paper_gflops']:.1f} GFLOPs"
     print(line)
@@ -156,6 +438,160 @@ def _parser() -> argparse.ArgumentParser:
     flops.add_argument("--json", action="store_true", help="print a JSON summary on stdout")
     flops.set_defaults(handler=_cmd_flops)
 
+    train_cmd = commands.add_parser(
+        "train",
+        help="train a ViT from scratch (or continue from a checkpoint)",
+        description="Train a classifier with AdamW, cosine schedule and optional random "
+        "shifts; under torchrun the batch is split over processes (DDP).",
+    )
+    _add_model_source(train_cmd)
+    _add_data(train_cmd)
+    train_cmd.add_argument("--out", type=Path, required=True, help="checkpoint to write")
+    train_cmd.add_argument("--epochs", type=_positive_int, default=30)
+    train_cmd.add_argument("--batch-size", type=_positive_int, default=128, help="global batch")
+    train_cmd.add_argument("--lr", type=_positive_float, default=1e-3, help="peak learning rate")
+    train_cmd.add_argument("--weight-decay", type=float, default=0.05)
+    train_cmd.add_argument("--warmup-epochs", type=float, default=2.0)
+    train_cmd.add_argument("--label-smoothing", type=float, default=0.1)
+    train_cmd.add_argument(
+        "--shift",
+        type=int,
+        default=0,
+        help="random shifts of up to this many pixels (augmentation; 0: none)",
+    )
+    _add_common(train_cmd)
+    train_cmd.set_defaults(handler=_cmd_train)
+
+    slim_cmd = commands.add_parser(
+        "slim",
+        help="Algorithm 1: find the kept patches of every block, top-down",
+        description="Top-down patch slimming: score each block's patches (Eq. 13), add the "
+        "best r at a time, tune the block on the reconstruction error E_(l+1) (relative, "
+        "on block l+1's kept rows) until E_(l+1) <= eps. The state is saved after every "
+        "block in --run-dir; rerunning the same command resumes there.",
+    )
+    _add_model_source(slim_cmd)
+    slim_cmd.add_argument(
+        "--data",
+        default=DIGITS,
+        help="calibration images: 'digits' "
+        "(the training split) or an image folder (default: digits)",
+    )
+    slim_cmd.add_argument("--out", type=Path, required=True, help="slimmed checkpoint to write")
+    slim_cmd.add_argument("--run-dir", type=Path, help="resumable state (default: <out>.run)")
+    slim_cmd.add_argument("--eps", type=float, default=0.01, help="tolerance on E (0.01)")
+    slim_cmd.add_argument("--r", type=_positive_int, default=10, help="patches per step (10)")
+    slim_cmd.add_argument(
+        "--block-epochs", type=int, default=3, help="block tuning epochs per step (3; 0: no tuning)"
+    )
+    slim_cmd.add_argument("--score", choices=SCORE_METHODS, default="impact")
+    slim_cmd.add_argument("--schedule", choices=SCHEDULES, default="tolerance")
+    slim_cmd.add_argument(
+        "--flops-ratio", type=float, help="slimmed/dense FLOPs for --schedule uniform"
+    )
+    slim_cmd.add_argument(
+        "--keep-counts", type=_int_list, help="comma-separated counts for --schedule fixed"
+    )
+    slim_cmd.add_argument(
+        "--calib-size", type=_positive_int, default=1024, help="calibration images (1024)"
+    )
+    slim_cmd.add_argument("--batch-size", type=_positive_int, default=64)
+    slim_cmd.add_argument(
+        "--lr", type=_positive_float, default=1e-4, help="block tuning learning rate (1e-4)"
+    )
+    _add_common(slim_cmd)
+    slim_cmd.set_defaults(handler=_cmd_slim)
+
+    finetune_cmd = commands.add_parser(
+        "finetune",
+        help="fine-tune a slimmed model with distillation from the dense one",
+        description="Cross-entropy plus DeiT-style distillation (soft: KL at temperature "
+        "tau; hard: CE on the teacher's argmax) from the dense model. Runs under torchrun "
+        "with DDP (the batch is global).",
+    )
+    finetune_cmd.add_argument(
+        "--checkpoint", type=Path, required=True, help="slimmed checkpoint (from patchslim slim)"
+    )
+    finetune_cmd.add_argument("--teacher", type=Path, required=True, help="dense checkpoint")
+    _add_data(finetune_cmd)
+    finetune_cmd.add_argument("--out", type=Path, required=True, help="checkpoint to write")
+    finetune_cmd.add_argument("--epochs", type=_positive_int, default=3)
+    finetune_cmd.add_argument("--batch-size", type=_positive_int, default=128)
+    finetune_cmd.add_argument("--lr", type=_positive_float, default=1e-4)
+    finetune_cmd.add_argument("--distillation", choices=DISTILLATION_MODES, default="soft")
+    finetune_cmd.add_argument("--distill-weight", type=float, default=0.5, help="alpha (0.5)")
+    finetune_cmd.add_argument("--temperature", type=_positive_float, default=1.0, help="tau")
+    finetune_cmd.add_argument("--shift", type=int, default=0, help="random shifts (pixels)")
+    _add_common(finetune_cmd)
+    finetune_cmd.set_defaults(handler=_cmd_finetune)
+
+    eval_cmd = commands.add_parser(
+        "eval",
+        help="top-1 accuracy and FLOPs of a checkpoint",
+        description="Top-1 accuracy, loss and FLOPs of a dense or slimmed checkpoint.",
+    )
+    eval_cmd.add_argument("--checkpoint", type=Path, required=True)
+    eval_cmd.add_argument(
+        "--data", default=DIGITS, help="'digits' or an image folder (default: digits)"
+    )
+    eval_cmd.add_argument(
+        "--split", choices=DIGITS_SPLITS, default="test", help="digits split (default: test)"
+    )
+    eval_cmd.add_argument("--batch-size", type=_positive_int, default=250)
+    eval_cmd.add_argument("--json", action="store_true", help="print a JSON summary on stdout")
+    eval_cmd.set_defaults(handler=_cmd_eval)
+
+    bench_cmd = commands.add_parser(
+        "bench",
+        help="time dense vs slimmed DeiT-Ti/S/B (the paper's Table 2)",
+        description="Dense vs slimmed (our ops, and the same maths from plain torch ops) "
+        "with plans matching the paper's FLOP reductions; random weights.",
+    )
+    bench_cmd.add_argument(
+        "--models",
+        nargs="+",
+        choices=sorted(PAPER_FLOP_REDUCTION),
+        default=sorted(PAPER_FLOP_REDUCTION),
+    )
+    bench_cmd.add_argument("--batch", type=_positive_int, nargs="+", default=[32, 1])
+    bench_cmd.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
+    bench_cmd.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
+    bench_cmd.add_argument(
+        "--repeats",
+        type=_positive_int,
+        default=30,
+        help="timed calls per model (median; default 30)",
+    )
+    bench_cmd.add_argument(
+        "--cuda-graphs", action="store_true", help="also time batch 1 replayed from CUDA graphs"
+    )
+    bench_cmd.add_argument("--out", type=Path, help="directory for bench.json and bench.md")
+    bench_cmd.add_argument("--json", action="store_true", help="print a JSON summary on stdout")
+    bench_cmd.set_defaults(handler=_cmd_bench)
+
+    demo_cmd = commands.add_parser(
+        "demo",
+        help="slim the bundled digits ViT end to end (the README's main job)",
+        description="Slim the bundled digits model (trained on 4,000 MNIST digits), "
+        "fine-tune it, and compare dense vs slimmed: FLOPs, top-1 on the 1,000 held-out "
+        "digits, CPU throughput, keep counts; writes two PNGs.",
+    )
+    demo_cmd.add_argument(
+        "--out-dir",
+        type=Path,
+        default=Path("demo_output"),
+        help="where the PNGs, checkpoints and summary go (demo_output)",
+    )
+    defaults = DemoSettings()
+    demo_cmd.add_argument("--eps", type=float, default=defaults.eps)
+    demo_cmd.add_argument("--r", type=_positive_int, default=defaults.r)
+    demo_cmd.add_argument("--block-epochs", type=int, default=defaults.block_epochs)
+    demo_cmd.add_argument("--calib-size", type=_positive_int, default=defaults.calib_size)
+    demo_cmd.add_argument("--finetune-epochs", type=int, default=defaults.finetune_epochs)
+    demo_cmd.add_argument("--seed", type=int, default=defaults.seed)
+    demo_cmd.add_argument("--json", action="store_true", help="print a JSON summary on stdout")
+    demo_cmd.set_defaults(handler=_cmd_demo)
+
     info = commands.add_parser(
         "info",
         help="how the library was built and which CPU kernels run",
@@ -166,6 +602,63 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        return [int(item) for item in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated integers, got {text!r}"
+        ) from None
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be positive, got {text}")
+    return value
+
+
+def _add_model_source(parser: argparse.ArgumentParser) -> None:
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument(
+        "--model",
+        choices=sorted(MODEL_FACTORIES),
+        default=DEFAULT_MODEL,
+        help=f"architecture with random weights (default: {DEFAULT_MODEL}, the demo model)",
+    )
+    source.add_argument(
+        "--checkpoint",
+        type=Path,
+        help="our .safetensors checkpoint or a timm/DeiT .pth file instead of --model",
+    )
+
+
+def _add_data(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--data",
+        default=DIGITS,
+        help="'digits' (the built-in 4,000 training digits) or an image folder "
+        "(<root>/<class>/<image>) (default: digits)",
+    )
+    parser.add_argument(
+        "--eval-data",
+        help="held-out image folder (default: the 1,000 test digits when --data is digits)",
+    )
+
+
+def _add_common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    parser.add_argument("--workers", type=int, default=0, help="data-loading processes")
+    parser.add_argument("--json", action="store_true", help="print a JSON summary on stdout")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     try:
         args = _parser().parse_args(argv)
@@ -173,6 +666,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (UsageError, ValueError) as error:
         print(f"patchslim: error: {error}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("patchslim: interrupted (slim resumes from its --run-dir)", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -38,6 +38,27 @@ def _mlp_args(block: Block) -> tuple:
     )
 
 
+def pruned_block_rows(
+    block: Block, x: Tensor, n_keep: int, num_heads: int
+) -> tuple[Tensor, Tensor]:
+    """Block ``block`` on tokens ``x`` (B, N, C) updating rows ``[0, n_keep)`` (paper Eq. 2).
+
+    Returns the updated rows (B, n_keep, C) and the attention probabilities
+    (B, H, n_keep, N); differentiable in ``x`` and the block's parameters.
+    """
+    kept, probs = pruned_msa(x, n_keep, num_heads, *_msa_args(block))
+    return pruned_mlp(kept, *_mlp_args(block)), probs
+
+
+def pruned_block(block: Block, x: Tensor, n_keep: int, num_heads: int) -> tuple[Tensor, Tensor]:
+    """:func:`pruned_block_rows`, with the untouched rows appended: (B, N, C) and the
+    attention probabilities (B, H, n_keep, N)."""
+    kept, probs = pruned_block_rows(block, x, n_keep, num_heads)
+    if n_keep == x.shape[1]:
+        return kept, probs
+    return torch.cat((kept, x[:, n_keep:]), dim=1), probs
+
+
 class PrunedViT(nn.Module):
     """A slimmed ViT: block l updates tokens ``plan.token_order[:n_l]`` only.
 
@@ -82,7 +103,6 @@ class PrunedViT(nn.Module):
         if not self._identity_order:
             x = x[:, self.token_order]
         heads = self.config.num_heads
-        tokens = x.shape[1]
         attention = {}
         in_place = not torch.is_grad_enabled()
         for index, (block, n_keep) in enumerate(
@@ -92,14 +112,13 @@ class PrunedViT(nn.Module):
                 torch.ops.patchslim.pruned_msa_(x, n_keep, heads, *_msa_args(block))
                 torch.ops.patchslim.pruned_mlp_(x[:, :n_keep], *_mlp_args(block))
                 continue
-            kept, probs = pruned_msa(x, n_keep, heads, *_msa_args(block))
-            kept = pruned_mlp(kept, *_mlp_args(block))
-            if index in wanted:
-                attention[index] = probs
             if in_place:
+                kept, probs = pruned_block_rows(block, x, n_keep, heads)
                 x[:, :n_keep] = kept
             else:
-                x = kept if n_keep == tokens else torch.cat((kept, x[:, n_keep:]), dim=1)
+                x, probs = pruned_block(block, x, n_keep, heads)
+            if index in wanted:
+                attention[index] = probs
         return x, attention
 
     def forward_head(self, tokens: Tensor) -> Tensor:

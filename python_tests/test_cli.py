@@ -19,7 +19,10 @@ def _run(*args: str) -> subprocess.CompletedProcess:
     )
 
 
-@pytest.mark.parametrize("command", [[], ["flops"], ["info"]])
+COMMANDS = ["train", "slim", "finetune", "eval", "flops", "bench", "demo", "info"]
+
+
+@pytest.mark.parametrize("command", [[], *([c] for c in COMMANDS)])
 def test_help(command, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main([*command, "--help"])
@@ -55,6 +58,15 @@ def test_info_json(capsys):
         (["frobnicate"], "invalid choice"),
         (["flops", "--model", "resnet50"], "invalid choice"),
         (["flops", "--checkpoint", "/does/not/exist.pth"], "checkpoint not found"),
+        (["slim", "--checkpoint", "/does/not/exist.pth", "--out", "x"], "checkpoint not found"),
+        (["slim", "--out", "x", "--data", "/no/such/folder"], "does not exist"),
+        (["slim", "--out", "x", "--schedule", "uniform"], "needs flops_ratio"),
+        (["slim", "--out", "x", "--keep-counts", "9,a"], "comma-separated integers"),
+        (["slim", "--out", "x", "--score", "entropy"], "invalid choice"),
+        (["train", "--out", "x", "--epochs", "0"], "must be a positive integer"),
+        (["finetune", "--checkpoint", "a", "--out", "b"], "--teacher"),
+        (["eval", "--checkpoint", "/does/not/exist.safetensors"], "checkpoint not found"),
+        (["bench", "--device", "cuda"], "CUDA is not available"),
     ],
 )
 def test_bad_arguments_exit_2_with_one_line(args, message):
@@ -71,3 +83,50 @@ def test_corrupt_checkpoint_exit_2(tmp_path):
     result = _run("flops", "--checkpoint", str(path))
     assert result.returncode == 2
     assert "cannot read checkpoint" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_corrupt_teacher_exit_2(tmp_path):
+    slimmed = tmp_path / "slim.safetensors"
+    save_model(ps.digits_vit(), slimmed)
+    teacher = tmp_path / "teacher.pth"
+    teacher.write_bytes(b"\x80\x04 garbage")
+    result = _run("finetune", "--checkpoint", str(slimmed), "--teacher", str(teacher), "--out", "o")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.startswith("patchslim: error: --teacher:")
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_slim_finetune_eval_pipeline(tmp_path):
+    """The commands chained on a tiny model and a slice of the digits' calibration set."""
+    config = ps.ViTConfig(28, 7, 1, 10, 32, 3, 2)
+    dense = tmp_path / "dense.safetensors"
+    save_model(ps.VisionTransformer.from_config(config), dense)
+    slimmed = tmp_path / "slim.safetensors"
+    result = _run(
+        "slim", "--checkpoint", str(dense), "--out", str(slimmed), "--calib-size", "48",
+        "--r", "4", "--block-epochs", "1", "--batch-size", "16", "--eps", "0.05", "--json",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    summary = json.loads(result.stdout)
+    assert summary["keep_counts"][-1] == 1 and summary["slim_flops"] < summary["dense_flops"]
+    assert (tmp_path / "slim.safetensors.run" / "state.json").is_file()
+    assert isinstance(ps.load_checkpoint(slimmed), ps.PrunedViT)
+
+    tuned = tmp_path / "tuned.safetensors"
+    result = _run(
+        "finetune", "--checkpoint", str(slimmed), "--teacher", str(dense), "--out", str(tuned),
+        "--epochs", "1", "--batch-size", "500", "--json",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["held_out"]["images"] == 1000
+
+    result = _run("eval", "--checkpoint", str(tuned), "--json")
+    assert result.returncode == 0, result.stderr
+    evaluation = json.loads(result.stdout)
+    assert evaluation["keep_counts"] == summary["keep_counts"]
+    assert evaluation["flops"] == summary["slim_flops"] and evaluation["images"] == 1000
+
+    result = _run("flops", "--checkpoint", str(tuned), "--json")
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["fvcore_total"] == report["analytic_total"] == summary["slim_flops"]

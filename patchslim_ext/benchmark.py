@@ -1,0 +1,368 @@
+"""Dense vs slimmed inference timing (the paper's Table 2), as a library.
+
+``patchslim bench`` and ``bench/bench_models.py`` call :func:`compare`. Each row times,
+in one run and under ``torch.no_grad()``: the dense model, the slimmed model through
+our ops (:class:`~patchslim_ext.PrunedViT`) and the same slimmed maths composed from
+plain torch ops (:func:`torch_slimmed_forward`). Timing: warm-up calls, then at least
+``repeats`` timed calls whose inputs rotate over several batches (so that no cache
+holds the one input), CUDA events on the current stream or ``perf_counter`` on the CPU,
+median reported. Clocks are left as they are.
+"""
+
+from __future__ import annotations
+
+import platform
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.profiler import ProfilerActivity, profile
+from tqdm.auto import tqdm
+
+from patchslim_ext import _C
+from patchslim_ext.flops import count_flops, flops_of
+from patchslim_ext.ops import cpu_isa
+from patchslim_ext.plan import SlimPlan
+from patchslim_ext.pruned import PrunedViT
+from patchslim_ext.vit import MODEL_FACTORIES, Block, VisionTransformer, ViTConfig
+
+# FLOP reductions of the paper's PS-ViT models (Table 1 and 2).
+PAPER_FLOP_REDUCTION = {
+    "deit_tiny_patch16_224": 0.462,
+    "deit_small_patch16_224": 0.436,
+    "deit_base_patch16_224": 0.443,
+}
+_ROTATING_BATCHES = 3
+
+
+def pyramid_plan(config: ViTConfig, flop_reduction: float) -> SlimPlan:
+    """A pyramid plan (more tokens kept early) removing ``flop_reduction`` of the FLOPs.
+
+    Block l < L keeps ``round(N · (1 − (l/(L−1))^γ))`` tokens (at least 1), the last
+    block the class token only; γ is found by bisection so that the FLOP reduction is
+    as close to the target as integer counts allow. The token order is the identity
+    (for timing, which tokens are kept does not matter).
+    """
+    tokens, depth = config.num_tokens, config.depth
+    dense = flops_of(config)
+    if not 0.0 < flop_reduction < 1.0 - flops_of(config, [1] * depth) / dense:
+        raise ValueError(f"flop_reduction {flop_reduction} is out of reach for this model")
+
+    def counts(gamma: float) -> list[int]:
+        ratios = [1.0 - (b / (depth - 1)) ** gamma for b in range(depth - 1)]
+        return [max(1, round(tokens * ratio)) for ratio in ratios] + [1]
+
+    def reduction(gamma: float) -> float:
+        return 1.0 - flops_of(config, counts(gamma)) / dense
+
+    low, high = 1e-3, 1e3  # reduction falls as gamma grows
+    for _ in range(100):
+        middle = (low * high) ** 0.5
+        if reduction(middle) > flop_reduction:
+            low = middle
+        else:
+            high = middle
+    best = min((low, high), key=lambda gamma: abs(reduction(gamma) - flop_reduction))
+    return SlimPlan(torch.arange(tokens), counts(best))
+
+
+def _split_heads(x: Tensor, heads: int) -> Tensor:
+    return x.unflatten(-1, (heads, -1)).transpose(1, 2)
+
+
+def torch_pruned_block_rows(block: Block, x: Tensor, n_keep: int) -> Tensor:
+    """Rows ``[0, n_keep)`` of the pruned block (paper Eq. 2) from plain torch ops:
+    slices, ``F.linear``, ``F.layer_norm`` and SDPA. (B, N, C) -> (B, n_keep, C)."""
+    attn, heads = block.attn, block.attn.num_heads
+    channels = x.shape[-1]
+    normed = F.layer_norm(x, (channels,), block.norm1.weight, block.norm1.bias, block.norm1.eps)
+    q = F.linear(normed[:, :n_keep], attn.qkv.weight[:channels], attn.qkv.bias[:channels])
+    kv = F.linear(normed, attn.qkv.weight[channels:], attn.qkv.bias[channels:])
+    k, v = kv.chunk(2, dim=-1)
+    context = F.scaled_dot_product_attention(
+        _split_heads(q, heads), _split_heads(k, heads), _split_heads(v, heads)
+    )
+    kept = x[:, :n_keep] + attn.proj(context.transpose(1, 2).flatten(2))
+    return kept + block.mlp(block.norm2(kept))
+
+
+def torch_slimmed_forward(model: VisionTransformer, plan: SlimPlan, images: Tensor) -> Tensor:
+    """The slimmed model's logits computed with plain torch ops (the baseline of our ops)."""
+    x = model.embed(images)[:, plan.token_order.to(images.device)]
+    for block, n_keep in zip(model.blocks, plan.keep_counts, strict=True):
+        x[:, :n_keep] = torch_pruned_block_rows(block, x, n_keep)
+    return model.forward_head(x)
+
+
+def median_forward_seconds(
+    forward: Callable[[Tensor], Tensor],
+    batches: Sequence[Tensor],
+    *,
+    repeats: int = 30,
+    warmup: int = 3,
+) -> float:
+    """Median seconds of ``forward(batch)`` over ``repeats`` calls rotating over ``batches``."""
+    device = batches[0].device
+    with torch.no_grad():
+        for index in range(warmup):
+            forward(batches[index % len(batches)])
+        times = []
+        if device.type == "cuda":
+            stream = torch.cuda.current_stream(device)
+            for index in range(repeats):
+                start = torch.cuda.Event(enable_timing=True)
+                end = torch.cuda.Event(enable_timing=True)
+                start.record(stream)
+                forward(batches[index % len(batches)])
+                end.record(stream)
+                end.synchronize()
+                times.append(start.elapsed_time(end) / 1e3)
+        else:
+            for index in range(repeats):
+                start_time = time.perf_counter()
+                forward(batches[index % len(batches)])
+                times.append(time.perf_counter() - start_time)
+    return statistics.median(times)
+
+
+def cuda_graph_forward(forward: Callable[[Tensor], Tensor], example: Tensor) -> Callable:
+    """``forward`` captured in a CUDA graph: the returned callable copies its batch into
+    the static input and replays the graph."""
+    static_input = example.clone()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.no_grad(), torch.cuda.stream(side):
+        for _ in range(3):
+            forward(static_input)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.no_grad(), torch.cuda.graph(graph):
+        static_output = forward(static_input)
+
+    def replay(batch: Tensor) -> Tensor:
+        static_input.copy_(batch)
+        graph.replay()
+        return static_output
+
+    return replay
+
+
+def peak_memory_bytes(forward: Callable[[Tensor], Tensor], batch: Tensor) -> int:
+    """Peak bytes allocated during one ``forward(batch)`` beyond what was live before
+    (weights and inputs excluded). CUDA: the allocator's peak; CPU: the profiler's
+    allocation and free events, summed in time order."""
+    with torch.no_grad():
+        if batch.device.type == "cuda":
+            torch.cuda.synchronize(batch.device)
+            torch.cuda.reset_peak_memory_stats(batch.device)
+            before = torch.cuda.memory_allocated(batch.device)
+            forward(batch)
+            torch.cuda.synchronize(batch.device)
+            return torch.cuda.max_memory_allocated(batch.device) - before
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+            forward(batch)
+    changes = sorted(
+        (
+            event.time_range.start,
+            event.cpu_memory_usage if event.name == "[memory]" else event.self_cpu_memory_usage,
+        )
+        for event in prof.events()
+        if event.name == "[memory]" or event.self_cpu_memory_usage > 0
+    )
+    live = peak = 0
+    for _, change in changes:
+        live += change
+        peak = max(peak, live)
+    return peak
+
+
+@dataclass
+class BenchRow:
+    """One model, batch, dtype and device: dense vs slimmed (ours and plain torch)."""
+
+    model: str
+    device: str
+    dtype: str
+    batch: int
+    cuda_graphs: bool
+    keep_counts: list[int]
+    dense_flops: int
+    slim_flops: int
+    dense_ms: float
+    slim_ms: float
+    torch_slim_ms: float
+    dense_peak_mb: float
+    slim_peak_mb: float
+
+    @property
+    def flop_reduction(self) -> float:
+        return 1.0 - self.slim_flops / self.dense_flops
+
+    @property
+    def time_reduction(self) -> float:
+        return 1.0 - self.slim_ms / self.dense_ms
+
+    def to_dict(self) -> dict:
+        values = asdict(self)
+        values.update(
+            flop_reduction=self.flop_reduction,
+            time_reduction=self.time_reduction,
+            ratio=self.time_reduction / self.flop_reduction,
+            dense_images_per_s=1e3 * self.batch / self.dense_ms,
+            slim_images_per_s=1e3 * self.batch / self.slim_ms,
+        )
+        return values
+
+
+def compare(
+    name: str,
+    model: VisionTransformer,
+    plan: SlimPlan,
+    *,
+    batch: int,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+    repeats: int = 30,
+    cuda_graphs: bool = False,
+) -> BenchRow:
+    """Time the dense model, :class:`PrunedViT` and :func:`torch_slimmed_forward` on
+    random images (B, in_chans, H, W); FLOPs counted by fvcore at batch 1."""
+    device = torch.device(device)
+    if cuda_graphs and device.type != "cuda":
+        raise ValueError("cuda_graphs needs a CUDA device")
+    config = model.config
+    model = model.to(device, dtype).eval()
+    slimmed = PrunedViT(model, plan).eval()
+    generator = torch.Generator().manual_seed(0)
+    shape = (batch, config.in_chans, config.img_size, config.img_size)
+    batches = [
+        torch.randn(shape, generator=generator).to(device, dtype) for _ in range(_ROTATING_BATCHES)
+    ]
+    probe = batches[0][:1]
+    with torch.no_grad():
+        dense_flops = count_flops(model, (probe,))
+        slim_flops = count_flops(slimmed, (probe,))
+    forwards: dict[str, Callable[[Tensor], Tensor]] = {
+        "dense": model,
+        "slim": slimmed,
+        "torch_slim": lambda images: torch_slimmed_forward(model, plan, images),
+    }
+    if cuda_graphs:
+        forwards = {key: cuda_graph_forward(fn, batches[0]) for key, fn in forwards.items()}
+    times = {
+        key: 1e3 * median_forward_seconds(fn, batches, repeats=repeats)
+        for key, fn in forwards.items()
+    }
+    return BenchRow(
+        model=name,
+        device=str(device),
+        dtype=str(dtype).removeprefix("torch."),
+        batch=batch,
+        cuda_graphs=cuda_graphs,
+        keep_counts=list(plan.keep_counts),
+        dense_flops=dense_flops,
+        slim_flops=slim_flops,
+        dense_ms=times["dense"],
+        slim_ms=times["slim"],
+        torch_slim_ms=times["torch_slim"],
+        dense_peak_mb=peak_memory_bytes(model, batches[0]) / 2**20,
+        slim_peak_mb=peak_memory_bytes(slimmed, batches[0]) / 2**20,
+    )
+
+
+TABLE_HEADERS = (
+    "model",
+    "device",
+    "dtype",
+    "batch",
+    "GFLOPs dense → slim",
+    "theoretical reduction",
+    "measured reduction (ours)",
+    "ratio",
+    "plain-torch slim reduction",
+    "img/s dense",
+    "img/s slim",
+    "peak MB dense → slim",
+)
+
+
+def table_row(row: BenchRow) -> list[str]:
+    """A Markdown table row for ``row`` (columns: :data:`TABLE_HEADERS`)."""
+    torch_reduction = 1.0 - row.torch_slim_ms / row.dense_ms
+    batch = f"{row.batch}{' (CUDA graph)' if row.cuda_graphs else ''}"
+    return [
+        row.model,
+        row.device,
+        row.dtype,
+        batch,
+        f"{row.dense_flops / 1e9:.3f} → {row.slim_flops / 1e9:.3f}",
+        f"{100 * row.flop_reduction:.1f}%",
+        f"{100 * row.time_reduction:.1f}%",
+        f"{row.time_reduction / row.flop_reduction:.2f}",
+        f"{100 * torch_reduction:.1f}%",
+        f"{1e3 * row.batch / row.dense_ms:.1f}",
+        f"{1e3 * row.batch / row.slim_ms:.1f}",
+        f"{row.dense_peak_mb:.1f} → {row.slim_peak_mb:.1f}",
+    ]
+
+
+def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
+    """A GitHub Markdown table."""
+    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def describe_machine(device: str | torch.device) -> str:
+    """One line naming where the numbers came from."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return f"{torch.cuda.get_device_name(device)} (torch {torch.__version__})"
+    return (
+        f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
+        f"{cpu_isa()} kernels ({_C.detected_cpu_isa()} detected), torch {torch.__version__}"
+    )
+
+
+def run_benchmarks(
+    models: Sequence[str],
+    *,
+    batches: Sequence[int],
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+    repeats: int = 30,
+    cuda_graphs: bool = False,
+    progress: bool = True,
+) -> list[BenchRow]:
+    """:func:`compare` for each model (random weights, seed 0) with its
+    :func:`pyramid_plan` at the paper's FLOP reduction, at each batch size; with
+    ``cuda_graphs``, batch 1 is also timed replayed from CUDA graphs."""
+    jobs = [(name, batch, False) for name in models for batch in batches]
+    if cuda_graphs:
+        jobs += [(name, 1, True) for name in models]
+    rows = []
+    for name, batch, graphs in tqdm(jobs, desc="bench", disable=not progress, unit="row"):
+        if name not in PAPER_FLOP_REDUCTION:
+            raise ValueError(
+                f"no paper plan for {name!r}; choose from {sorted(PAPER_FLOP_REDUCTION)}"
+            )
+        torch.manual_seed(0)
+        model = MODEL_FACTORIES[name]()
+        plan = pyramid_plan(model.config, PAPER_FLOP_REDUCTION[name])
+        rows.append(
+            compare(
+                name,
+                model,
+                plan,
+                batch=batch,
+                dtype=dtype,
+                device=device,
+                repeats=repeats,
+                cuda_graphs=graphs,
+            )
+        )
+    return rows

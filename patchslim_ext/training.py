@@ -1,0 +1,329 @@
+"""Training, fine-tuning with distillation, and evaluation.
+
+Everything here runs in one process or under ``torchrun`` with DistributedDataParallel
+(gloo on CPU, nccl on GPU; the caller initialises the process group, see
+:func:`init_distributed`). Batches are global: ``batch_size`` is the batch of one
+optimiser step summed over all processes, and each process takes its slice of it
+(:class:`~patchslim_ext.data.GlobalBatchSampler`), so W processes reproduce the single
+process run up to floating-point summation order.
+
+Distillation (DeiT-style, through the class token; our models have no distillation
+token):
+
+- ``"soft"``: ``(1 − α)·CE(s, y) + α·τ²·KL(softmax(t/τ) ‖ softmax(s/τ))``
+- ``"hard"``: ``(1 − α)·CE(s, y) + α·CE(s, argmax t)`` (DeiT uses α = 0.5)
+- ``"none"``: ``CE(s, y)``
+
+where s and t are the student's and the teacher's logits, α = ``distill_weight``
+and τ = ``temperature``.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
+
+from patchslim_ext.data import GlobalBatchSampler, collate
+
+DISTILLATION_MODES = ("none", "soft", "hard")
+
+
+@dataclass
+class EpochLog:
+    """One epoch: mean training loss over all processes, last learning rate, wall time."""
+
+    epoch: int
+    loss: float
+    lr: float
+    seconds: float
+
+    def to_dict(self) -> dict[str, float]:
+        return asdict(self)
+
+
+def process_group() -> tuple[int, int]:
+    """(rank, world size): (0, 1) outside ``torchrun``."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def init_distributed() -> bool:
+    """Join the process group ``torchrun`` describes (gloo on CPU, nccl with CUDA).
+
+    Returns False (and does nothing) when not started by ``torchrun``.
+    """
+    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+        return False
+    if not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        dist.init_process_group(backend)
+        if backend == "nccl":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    return True
+
+
+def all_reduce_sum(values: Tensor) -> Tensor:
+    """Sum of ``values`` over all processes (``values`` itself outside ``torchrun``)."""
+    if process_group()[1] > 1:
+        values = values.clone()
+        dist.all_reduce(values)
+    return values
+
+
+def _apply_shifts(images: Tensor, shifts: Tensor, max_shift: int) -> Tensor:
+    height, width = images.shape[-2:]
+    padded = F.pad(images, (max_shift,) * 4, mode="replicate")
+    rows = (max_shift - shifts[:, 0]).tolist()
+    cols = (max_shift - shifts[:, 1]).tolist()
+    return torch.stack(
+        [
+            padded[i, :, top : top + height, left : left + width]
+            for i, (top, left) in enumerate(zip(rows, cols, strict=True))
+        ]
+    )
+
+
+def distillation_loss(
+    logits: Tensor,
+    labels: Tensor,
+    teacher_logits: Tensor | None,
+    mode: str,
+    distill_weight: float,
+    temperature: float,
+    label_smoothing: float = 0.0,
+) -> Tensor:
+    """The training objective (see the module docstring); logits (B, K), labels (B,)."""
+    ce = F.cross_entropy(logits, labels, label_smoothing=label_smoothing)
+    if mode == "none":
+        return ce
+    if teacher_logits is None:
+        raise ValueError(f"distillation={mode!r} needs the teacher's logits")
+    if mode == "soft":
+        kd = F.kl_div(
+            F.log_softmax(logits / temperature, dim=-1),
+            F.log_softmax(teacher_logits / temperature, dim=-1),
+            reduction="batchmean",
+            log_target=True,
+        ) * (temperature**2)
+    else:
+        kd = F.cross_entropy(logits, teacher_logits.argmax(-1))
+    return (1.0 - distill_weight) * ce + distill_weight * kd
+
+
+def _loader(dataset: Dataset, sampler: GlobalBatchSampler, num_workers: int) -> DataLoader:
+    return DataLoader(dataset, batch_sampler=sampler, collate_fn=collate, num_workers=num_workers)
+
+
+def _learning_rate(step: int, total: int, warmup: int, lr: float, min_lr: float) -> float:
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return min_lr + 0.5 * (lr - min_lr) * (1.0 + math.cos(math.pi * progress))
+
+
+def train(
+    model: nn.Module,
+    data: Dataset,
+    *,
+    epochs: int,
+    batch_size: int = 128,
+    lr: float = 1e-3,
+    min_lr: float = 1e-5,
+    weight_decay: float = 0.05,
+    warmup_epochs: float = 1.0,
+    label_smoothing: float = 0.0,
+    max_shift: int = 0,
+    teacher: nn.Module | None = None,
+    distillation: str = "none",
+    distill_weight: float = 0.5,
+    temperature: float = 1.0,
+    seed: int = 0,
+    num_workers: int = 0,
+    progress: bool = True,
+    on_epoch_end: Callable[[EpochLog], None] | None = None,
+) -> list[EpochLog]:
+    """Train ``model`` (a classifier of (B, C, H, W) images) with AdamW and a cosine schedule.
+
+    Args:
+        data: items ``(image, label)``; images (C, H, W) on the CPU.
+        batch_size: global batch per optimiser step (split over ``torchrun`` processes).
+        max_shift: random translation of up to this many pixels (0: no augmentation).
+        teacher: the model distilled from (frozen), needed unless ``distillation="none"``.
+        on_epoch_end: called on every process after each epoch (e.g. to save).
+
+    Returns one :class:`EpochLog` per epoch. The model is updated in place.
+    """
+    if epochs < 0:
+        raise ValueError(f"epochs must be >= 0, got {epochs}")
+    if distillation not in DISTILLATION_MODES:
+        raise ValueError(f"distillation must be one of {DISTILLATION_MODES}, got {distillation!r}")
+    if distillation != "none" and teacher is None:
+        raise ValueError(f"distillation={distillation!r} needs a teacher model")
+    rank, world = process_group()
+    device = next(model.parameters()).device
+    sampler = GlobalBatchSampler(
+        len(data), batch_size, shuffle=True, seed=seed, drop_last=True, rank=rank, world_size=world
+    )
+    loader = _loader(data, sampler, num_workers)
+    wrapped = DistributedDataParallel(model) if world > 1 else model
+    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
+    optimizer = torch.optim.AdamW(
+        [
+            {"params": decay, "weight_decay": weight_decay},
+            {"params": no_decay, "weight_decay": 0.0},
+        ],
+        lr=lr,
+    )
+    total_steps = epochs * len(sampler)
+    warmup_steps = round(warmup_epochs * len(sampler))
+    if teacher is not None:
+        teacher.eval().requires_grad_(False)
+    logs = []
+    step = 0
+    for epoch in range(epochs):
+        sampler.set_epoch(epoch)
+        model.train()
+        start = time.perf_counter()
+        loss_sum = torch.zeros(2, dtype=torch.float64)
+        bar = tqdm(
+            loader,
+            desc=f"epoch {epoch + 1}/{epochs}",
+            disable=not progress or rank != 0,
+            leave=False,
+            unit="batch",
+        )
+        for images, labels in bar:
+            if max_shift:
+                # Shifts are drawn for the whole global batch, then sliced, so that the
+                # augmentation does not depend on the number of processes.
+                generator = torch.Generator().manual_seed(seed * 1_000_003 + step)
+                shifts = torch.randint(
+                    -max_shift, max_shift + 1, (batch_size, 2), generator=generator
+                )
+                share = batch_size // world
+                images = _apply_shifts(images, shifts[rank * share : (rank + 1) * share], max_shift)
+            images, labels = images.to(device), labels.to(device)
+            current_lr = _learning_rate(step, total_steps, warmup_steps, lr, min_lr)
+            for group in optimizer.param_groups:
+                group["lr"] = current_lr
+            teacher_logits = None
+            if teacher is not None and distillation != "none":
+                with torch.no_grad():
+                    teacher_logits = teacher(images)
+            loss = distillation_loss(
+                wrapped(images),
+                labels,
+                teacher_logits,
+                distillation,
+                distill_weight,
+                temperature,
+                label_smoothing,
+            )
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            loss_sum += torch.tensor([loss.item() * labels.numel(), labels.numel()])
+            bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{current_lr:.2e}")
+            step += 1
+        loss_sum = all_reduce_sum(loss_sum)
+        log = EpochLog(
+            epoch=epoch + 1,
+            loss=float(loss_sum[0] / loss_sum[1]),
+            lr=current_lr if total_steps else lr,
+            seconds=time.perf_counter() - start,
+        )
+        logs.append(log)
+        if on_epoch_end is not None:
+            on_epoch_end(log)
+    model.eval()
+    return logs
+
+
+def finetune(
+    slimmed: nn.Module,
+    teacher: nn.Module,
+    data: Dataset,
+    *,
+    epochs: int = 3,
+    batch_size: int = 128,
+    lr: float = 1e-4,
+    min_lr: float = 1e-6,
+    weight_decay: float = 0.05,
+    warmup_epochs: float = 0.0,
+    distillation: str = "soft",
+    distill_weight: float = 0.5,
+    temperature: float = 1.0,
+    max_shift: int = 0,
+    seed: int = 0,
+    num_workers: int = 0,
+    progress: bool = True,
+    on_epoch_end: Callable[[EpochLog], None] | None = None,
+) -> list[EpochLog]:
+    """Fine-tune a slimmed network (e.g. a :class:`~patchslim_ext.PrunedViT`) with
+    cross-entropy plus distillation from the dense ``teacher`` (module docstring).
+
+    Single process or under ``torchrun`` (DDP); see :func:`train` for the arguments.
+    The slimmed model's parameters are updated in place.
+    """
+    return train(
+        slimmed,
+        data,
+        epochs=epochs,
+        batch_size=batch_size,
+        lr=lr,
+        min_lr=min_lr,
+        weight_decay=weight_decay,
+        warmup_epochs=warmup_epochs,
+        max_shift=max_shift,
+        teacher=teacher,
+        distillation=distillation,
+        distill_weight=distill_weight,
+        temperature=temperature,
+        seed=seed,
+        num_workers=num_workers,
+        progress=progress,
+        on_epoch_end=on_epoch_end,
+    )
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module, data: Dataset, *, batch_size: int = 250, progress: bool = False
+) -> dict[str, float]:
+    """Top-1 accuracy (%) and mean cross-entropy over ``data``, all processes together."""
+    rank, world = process_group()
+    device = next(model.parameters()).device
+    sampler = GlobalBatchSampler(
+        len(data), batch_size * world, shuffle=False, rank=rank, world_size=world
+    )
+    totals = torch.zeros(3, dtype=torch.float64)
+    model.eval()
+    for images, labels in tqdm(
+        _loader(data, sampler, 0), desc="eval", disable=not progress or rank != 0, leave=False
+    ):
+        if labels.numel() == 0:
+            continue
+        logits = model(images.to(device)).float().cpu()
+        totals += torch.tensor(
+            [
+                (logits.argmax(-1) == labels).sum().item(),
+                F.cross_entropy(logits, labels, reduction="sum").item(),
+                labels.numel(),
+            ],
+            dtype=torch.float64,
+        )
+    correct, loss, count = all_reduce_sum(totals).tolist()
+    return {"top1": 100.0 * correct / count, "loss": loss / count, "images": int(count)}

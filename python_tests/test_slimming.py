@@ -1,0 +1,207 @@
+"""Algorithm 1 end to end on a tiny ViT and a slice of the real digits: slimming,
+resume after an interruption, fine-tuning, and DDP equivalence (2 CPU processes)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch.utils.data import TensorDataset
+
+import patchslim_ext as ps
+from patchslim_ext.data import load_digits
+from patchslim_ext.slimming import STATE_FILE, slim, uniform_keep_counts
+from patchslim_ext.training import evaluate, finetune, train
+
+TINY = ps.ViTConfig(
+    img_size=28, patch_size=7, in_chans=1, num_classes=10, embed_dim=32, depth=4, num_heads=2
+)
+DDP_SCRIPT = Path(__file__).with_name("ddp_worker.py")
+
+
+@pytest.fixture(scope="module")
+def digits_slice() -> TensorDataset:
+    images, labels = load_digits("train").tensors
+    return TensorDataset(images[:384], labels[:384])
+
+
+@pytest.fixture(scope="module")
+def tiny_model(digits_slice) -> ps.VisionTransformer:
+    """The tiny ViT trained for a few epochs, so that its attention is not random."""
+    torch.manual_seed(0)
+    model = ps.VisionTransformer.from_config(TINY)
+    train(model, digits_slice, epochs=4, batch_size=64, lr=3e-3, warmup_epochs=0.5, progress=False)
+    return model
+
+
+def _slim(model, data, **options):
+    settings = dict(eps=0.02, r=3, block_epochs=1, calib_size=96, batch_size=32, lr=1e-3)
+    settings.update(options)
+    return slim(model, data, progress=False, **settings)
+
+
+def test_slim_end_to_end(tiny_model, digits_slice):
+    before = {k: v.clone() for k, v in tiny_model.state_dict().items()}
+    result = _slim(tiny_model, digits_slice)
+    counts = result.plan.keep_counts
+    assert counts[-1] == 1 and list(counts) == sorted(counts, reverse=True)
+    # The plan's kept sets are nested prefixes of one order with the class token first.
+    assert result.plan.token_order[0] == 0
+    masks = result.plan.masks()
+    assert bool((masks[1:] <= masks[:-1]).all())
+    assert result.flops < ps.flops_of(TINY)
+    assert [entry.block for entry in result.log] == [3, 2, 1]
+    for entry in result.log:
+        assert entry.kept == entry.kept_per_step[-1] == counts[entry.block - 1]
+        # Every step but the last continued because E was above eps.
+        assert all(error > 0.02 for error in entry.errors[:-1])
+        if entry.reached_eps:
+            assert entry.errors[-1] <= 0.02
+        else:
+            assert entry.kept == TINY.num_tokens
+        assert entry.kept_per_step == sorted(entry.kept_per_step)
+    # The input model is untouched; the result owns tuned copies.
+    assert all(torch.equal(before[k], v) for k, v in tiny_model.state_dict().items())
+    assert any(
+        not torch.equal(before[k], v)
+        for k, v in result.model.state_dict().items()
+        if k.startswith("blocks.")
+    )
+
+    test_images, test_labels = load_digits("test").tensors
+    held_out = TensorDataset(test_images[:200], test_labels[:200])
+    logs = finetune(
+        result.model, tiny_model, digits_slice, epochs=1, batch_size=64, lr=1e-3, progress=False
+    )
+    assert len(logs) == 1 and torch.isfinite(torch.tensor(logs[0].loss))
+    accuracy = evaluate(result.model, held_out)
+    assert accuracy["images"] == 200 and 0.0 <= accuracy["top1"] <= 100.0
+
+
+def test_tolerance_controls_the_plan(tiny_model, digits_slice):
+    loose = _slim(tiny_model, digits_slice, eps=0.5, block_epochs=0)
+    tight = _slim(tiny_model, digits_slice, eps=0.0, block_epochs=0)
+    assert loose.flops <= tight.flops
+    assert tight.plan.keep_counts[:-1] == (TINY.num_tokens,) * (TINY.depth - 1)
+
+
+@pytest.mark.parametrize("score", ["rollout", "attn", "random"])
+def test_fixed_schedule_matches_counts(tiny_model, digits_slice, score):
+    counts = [15, 9, 5, 1]
+    result = _slim(tiny_model, digits_slice, schedule="fixed", keep_counts=counts, score=score)
+    assert list(result.plan.keep_counts) == counts
+    assert all(len(entry.errors) == 1 for entry in result.log)
+
+
+def test_uniform_schedule_matches_flops(tiny_model, digits_slice):
+    ratio = 0.6
+    result = _slim(tiny_model, digits_slice, schedule="uniform", flops_ratio=ratio)
+    counts = result.plan.keep_counts
+    assert len(set(counts[:-1])) == 1 and counts[-1] == 1
+    assert list(counts) == uniform_keep_counts(TINY, ratio)
+    one_fewer = [counts[0] - 1] * (TINY.depth - 1) + [1]
+    assert result.flops >= ratio * ps.flops_of(TINY) > ps.flops_of(TINY, one_fewer)
+
+
+def test_same_seed_same_plan(tiny_model, digits_slice):
+    first = _slim(tiny_model, digits_slice, score="random", block_epochs=0)
+    second = _slim(tiny_model, digits_slice, score="random", block_epochs=0)
+    assert first.plan == second.plan
+
+
+class _Interrupt(Exception):
+    pass
+
+
+def test_resume_after_interruption(tiny_model, digits_slice, tmp_path):
+    run_dir = tmp_path / "run"
+    uninterrupted = _slim(tiny_model, digits_slice)
+
+    def stop_after_first_block(entry):
+        raise _Interrupt
+
+    with pytest.raises(_Interrupt):
+        _slim(tiny_model, digits_slice, run_dir=run_dir, on_block_end=stop_after_first_block)
+    state = json.loads((run_dir / STATE_FILE).read_text())
+    assert list(state["keep_counts"]) == ["3", "2"]  # the last block and the first slimmed
+    # A kill while writing leaves only a temporary file next to the committed state.
+    (run_dir / (STATE_FILE + ".partial")).write_text("{ truncated")
+    finished = []
+    resumed = _slim(tiny_model, digits_slice, run_dir=run_dir, on_block_end=finished.append)
+    assert [entry.block for entry in finished] == [2, 1]  # block 3 was not redone
+    assert resumed.plan == uninterrupted.plan
+    for key, value in uninterrupted.model.state_dict().items():
+        torch.testing.assert_close(resumed.model.state_dict()[key], value)
+    # A finished run resumes to the same result without any work.
+    again = _slim(tiny_model, digits_slice, run_dir=run_dir, on_block_end=finished.append)
+    assert again.plan == uninterrupted.plan and len(finished) == 2
+
+
+def test_resume_refuses_other_settings(tiny_model, digits_slice, tmp_path):
+    run_dir = tmp_path / "run"
+    _slim(tiny_model, digits_slice, run_dir=run_dir, block_epochs=0)
+    with pytest.raises(ValueError, match="different settings"):
+        _slim(tiny_model, digits_slice, run_dir=run_dir, block_epochs=0, eps=0.5)
+    (run_dir / STATE_FILE).write_text("{ not json")
+    with pytest.raises(ValueError, match="cannot resume"):
+        _slim(tiny_model, digits_slice, run_dir=run_dir, block_epochs=0)
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"score": "entropy"}, "score must be one of"),
+        ({"schedule": "cubic"}, "schedule must be one of"),
+        ({"schedule": "uniform"}, "needs flops_ratio"),
+        ({"schedule": "fixed"}, "needs keep_counts"),
+        ({"schedule": "fixed", "keep_counts": [17, 9, 5, 2]}, "end with 1"),
+        ({"schedule": "fixed", "keep_counts": [9, 15, 5, 1]}, "non-increasing"),
+        ({"flops_ratio": 0.5}, "takes neither"),
+        ({"r": 0}, "r >= 1"),
+    ],
+)
+def test_bad_options(tiny_model, digits_slice, options, message):
+    with pytest.raises(ValueError, match=message):
+        _slim(tiny_model, digits_slice, **options)
+
+
+def test_bad_calibration_images(tiny_model):
+    with pytest.raises(ValueError, match=r"shape \(M, 1, 28, 28\)"):
+        _slim(tiny_model, torch.randn(8, 3, 28, 28))
+
+
+def _torchrun(tmp_path: Path, tiny_model, nproc: int) -> dict:
+    model_path = tmp_path / "tiny.safetensors"
+    if not model_path.exists():
+        ps.save_model(tiny_model, model_path)
+    out = tmp_path / f"result-{nproc}.safetensors"
+    command = [sys.executable, str(DDP_SCRIPT), str(model_path), str(out)]
+    if nproc > 1:
+        command = [
+            sys.executable, "-m", "torch.distributed.run", "--standalone",
+            f"--nproc_per_node={nproc}", *command[1:],
+        ]  # fmt: skip
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return {
+        "weights": ps.load_checkpoint(out).state_dict(),
+        "plan": json.loads(out.with_suffix(".json").read_text()),
+    }
+
+
+def test_ddp_matches_single_process(tiny_model, tmp_path):
+    single = _torchrun(tmp_path, tiny_model, 1)
+    distributed = _torchrun(tmp_path, tiny_model, 2)
+    # Slimming without block tuning: scores and errors are summed over the two shards.
+    assert distributed["plan"] == single["plan"]
+    for key, value in single["weights"].items():
+        torch.testing.assert_close(distributed["weights"][key], value, rtol=1e-4, atol=1e-5)
+    # The fine-tuning moved the weights (the comparison above is not vacuous).
+    trained = tiny_model.state_dict()
+    assert any(not torch.allclose(trained[k], v) for k, v in single["weights"].items())
