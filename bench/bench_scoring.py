@@ -22,8 +22,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import machine, markdown_table, median_seconds, save
+from common import median_seconds, save
 
+from patchslim_ext.benchmark import describe_machine, markdown_table
 from patchslim_ext.scoring import per_image_scores
 
 TOKENS = 197
@@ -147,7 +148,7 @@ def main() -> None:
     table = markdown_table(headers, rows)
     header = (
         f"Eq. 13 scores, batch {args.batch}, N={TOKENS}, float32, keep counts "
-        f"{counts}, on {machine(args.device)}"
+        f"{counts}, on {describe_machine(args.device)}"
     )
     path = save(f"scoring_{args.device}", records, table, header)
     print(f"\n{header}\n\n{table}\n\nsaved {path} and .json")

@@ -70,7 +70,8 @@ def pyramid_plan(config: ViTConfig, flop_reduction: float) -> SlimPlan:
     return SlimPlan(torch.arange(tokens), counts(best))
 
 
-def _split_heads(x: Tensor, heads: int) -> Tensor:
+def split_heads(x: Tensor, heads: int) -> Tensor:
+    """(B, n, C) -> (B, heads, n, C / heads)."""
     return x.unflatten(-1, (heads, -1)).transpose(1, 2)
 
 
@@ -84,7 +85,7 @@ def torch_pruned_block_rows(block: Block, x: Tensor, n_keep: int) -> Tensor:
     kv = F.linear(normed, attn.qkv.weight[channels:], attn.qkv.bias[channels:])
     k, v = kv.chunk(2, dim=-1)
     context = F.scaled_dot_product_attention(
-        _split_heads(q, heads), _split_heads(k, heads), _split_heads(v, heads)
+        split_heads(q, heads), split_heads(k, heads), split_heads(v, heads)
     )
     kept = x[:, :n_keep] + attn.proj(context.transpose(1, 2).flatten(2))
     return kept + block.mlp(block.norm2(kept))

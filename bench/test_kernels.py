@@ -1,0 +1,44 @@
+"""Kernel benchmarks under pytest-benchmark: one pruned block (ours vs the same maths
+from plain torch ops) and one Eq. 13 scoring chain, over a grid of shapes.
+
+    pytest bench/test_kernels.py --benchmark-only --benchmark-group-by=param:shape
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from patchslim_ext.benchmark import torch_pruned_block_rows
+from patchslim_ext.pruned import pruned_block_rows
+from patchslim_ext.scoring import chain_diagonal
+from patchslim_ext.vit import Block
+
+pytest.importorskip("pytest_benchmark")
+
+WIDTHS = {"DeiT-Ti": (192, 3), "DeiT-S": (384, 6)}
+SHAPES = [(model, batch, kept) for model in WIDTHS for batch in (1, 16) for kept in (197, 98, 1)]
+
+
+@pytest.mark.parametrize("implementation", ["patchslim", "torch"])
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s[0]}-b{s[1]}-n{s[2]}")
+def test_pruned_block(benchmark, shape, implementation):
+    model, batch, kept = shape
+    channels, heads = WIDTHS[model]
+    torch.manual_seed(0)
+    block = Block(channels, heads, 4 * channels).eval()
+    x = torch.randn(batch, 197, channels)
+    if implementation == "patchslim":
+        run = lambda: pruned_block_rows(block, x, kept, heads)  # noqa: E731
+    else:
+        run = lambda: torch_pruned_block_rows(block, x, kept)  # noqa: E731
+    with torch.no_grad():
+        benchmark(run)
+
+
+@pytest.mark.parametrize("batch", [1, 16])
+def test_score_chain(benchmark, batch):
+    torch.manual_seed(0)
+    counts = [197, 148, 98, 49, 1]
+    maps = [torch.softmax(torch.randn(batch, 6, n, 197), -1) for n in counts]
+    benchmark(chain_diagonal, maps)

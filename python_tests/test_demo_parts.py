@@ -1,0 +1,51 @@
+"""The demo's pieces that run in seconds: the bundled checkpoint, the digits split,
+the figures and the printed summary (the whole demo runs in scripts/demo.sh)."""
+
+from __future__ import annotations
+
+import torch
+
+import patchslim_ext as ps
+from patchslim_ext.data import digits_split_indices, load_digits
+from patchslim_ext.demo import DEMO_CHECKPOINT, plot_keep_counts, plot_kept_patches
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def test_bundled_checkpoint_is_the_demo_architecture():
+    model = ps.load_checkpoint(DEMO_CHECKPOINT)
+    assert isinstance(model, ps.VisionTransformer)
+    assert model.config == ps.digits_vit().config
+    assert model.config.num_tokens >= 50 and model.config.depth == 12
+    assert DEMO_CHECKPOINT.stat().st_size <= 8 * 2**20
+
+
+def test_digits_split_is_fixed_and_disjoint():
+    train, test = digits_split_indices()
+    assert len(train) == 4000 and len(test) == 1000
+    assert not set(train.tolist()) & set(test.tolist())
+    again = digits_split_indices()
+    assert torch.equal(train, again[0]) and torch.equal(test, again[1])
+    images, labels = load_digits("test").tensors
+    assert images.shape == (1000, 1, 28, 28) and labels.shape == (1000,)
+    assert set(labels.tolist()) == set(range(10))
+    assert abs(images.mean().item()) < 0.1 and 0.8 < images.std().item() < 1.2
+
+
+def test_bundled_model_classifies_digits():
+    model = ps.load_checkpoint(DEMO_CHECKPOINT)
+    images, labels = load_digits("test").tensors
+    with torch.no_grad():
+        accuracy = (model(images[:200]).argmax(-1) == labels[:200]).float().mean().item()
+    assert accuracy > 0.9
+
+
+def test_figures(tmp_path):
+    config = ps.digits_vit().config
+    order = torch.cat([torch.zeros(1, dtype=torch.long), torch.randperm(49) + 1])
+    plan = ps.SlimPlan(order, [50, 45, 40, 35, 30, 25, 20, 15, 10, 5, 2, 1])
+    images, labels = load_digits("test").tensors
+    plot_keep_counts(plan, tmp_path / "pyramid.png")
+    plot_kept_patches(images[:3], labels[:3], plan, config, tmp_path / "digits.png")
+    for name in ("pyramid.png", "digits.png"):
+        assert (tmp_path / name).read_bytes()[:8] == PNG_MAGIC
