@@ -38,6 +38,7 @@ from patchslim_ext.scoring import SCORE_METHODS
 from patchslim_ext.slimming import SCHEDULES, slim
 from patchslim_ext.training import (
     DISTILLATION_MODES,
+    EpochLog,
     evaluate,
     finetune,
     init_distributed,
@@ -123,22 +124,33 @@ def _cmd_train(args: argparse.Namespace) -> int:
         on_epoch_end=lambda log: _progress_line(args, log),
     )
     seconds = time.perf_counter() - start
+    headline = f"trained {name} on {len(data)} images in {seconds:.0f} s -> {args.out}"
+    _save_trained(args, model, held_out, logs, headline, model_name=name, seconds=seconds)
+    return 0
+
+
+def _save_trained(
+    args: argparse.Namespace,
+    model: VisionTransformer | PrunedViT,
+    held_out: Any,
+    logs: Sequence[EpochLog],
+    headline: str,
+    **details: Any,
+) -> None:
+    """Evaluate on the held-out set, save ``args.out`` (rank 0) and report."""
     accuracy = evaluate(model, held_out) if held_out is not None else None
     if process_group()[0] == 0:
         save_model(model, args.out)
     summary = {
-        "model": name,
+        **details,
         "checkpoint": str(args.out),
-        "train_images": len(data),
         "epochs": [log.to_dict() for log in logs],
-        "seconds": seconds,
         "held_out": accuracy,
     }
-    lines = [f"trained {name} on {len(data)} images in {seconds:.0f} s -> {args.out}"]
+    lines = [headline]
     if accuracy is not None:
         lines.append(f"held-out top-1: {accuracy['top1']:.2f}% ({accuracy['images']} images)")
     _report(args, summary, lines)
-    return 0
 
 
 def _keep_counts(model: VisionTransformer | PrunedViT) -> list[int]:
@@ -237,18 +249,8 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
         progress=not args.json,
         on_epoch_end=lambda log: _progress_line(args, log),
     )
-    accuracy = evaluate(slimmed, held_out) if held_out is not None else None
-    if process_group()[0] == 0:
-        save_model(slimmed, args.out)
-    summary = {
-        "checkpoint": str(args.out),
-        "epochs": [log.to_dict() for log in logs],
-        "held_out": accuracy,
-    }
-    lines = [f"fine-tuned {args.checkpoint} for {args.epochs} epochs -> {args.out}"]
-    if accuracy is not None:
-        lines.append(f"held-out top-1: {accuracy['top1']:.2f}% ({accuracy['images']} images)")
-    _report(args, summary, lines)
+    headline = f"fine-tuned {args.checkpoint} for {args.epochs} epochs -> {args.out}"
+    _save_trained(args, slimmed, held_out, logs, headline)
     return 0
 
 
@@ -316,7 +318,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def _progress_line(args: argparse.Namespace, log: Any) -> None:
+def _progress_line(args: argparse.Namespace, log: EpochLog) -> None:
     if not args.json and process_group()[0] == 0:
         print(
             f"epoch {log.epoch}: loss {log.loss:.4f}, lr {log.lr:.2e}, {log.seconds:.1f} s",

@@ -378,7 +378,7 @@ def slim(
             f"got {tuple(images.shape)}"
         )
     shard = -(-images.shape[0] // world)
-    images = images[rank * shard : (rank + 1) * shard]
+    images = images[rank * shard : (rank + 1) * shard].to(next(model.parameters()).device)
     score_images = images if score_size is None else images[: -(-score_size // world)]
 
     teacher = copy.deepcopy(model).eval().requires_grad_(False)
