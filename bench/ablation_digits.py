@@ -20,8 +20,6 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-
 sys.path.insert(0, str(Path(__file__).parent))
 from common import save
 
@@ -93,7 +91,7 @@ def main() -> None:
         f"Ablations on the digits ViT (dense top-1 {dense_top1:.1f}% on 1,000 held-out digits), "
         f"eps={settings.eps}, r={settings.r}, block_epochs={settings.block_epochs}, "
         f"calibration {settings.calib_size} images, fine-tuning {settings.finetune_epochs} "
-        f"epochs; {torch.get_num_threads()} threads on {describe_machine('cpu')}"
+        f"epochs; on {describe_machine('cpu')}"
     )
     path = save("ablation_digits", records, table, header)
     print(f"\n{header}\n\n{table}\n\nsaved {path} and .json")

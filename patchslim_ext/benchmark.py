@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch._C._profiler import _EventType
 from torch.profiler import ProfilerActivity, profile
 from tqdm.auto import tqdm
 
@@ -154,8 +155,8 @@ def cuda_graph_forward(forward: Callable[[Tensor], Tensor], example: Tensor) -> 
 
 def peak_memory_bytes(forward: Callable[[Tensor], Tensor], batch: Tensor) -> int:
     """Peak bytes allocated during one ``forward(batch)`` beyond what was live before
-    (weights and inputs excluded). CUDA: the allocator's peak; CPU: the profiler's
-    allocation and free events, summed in time order."""
+    (weights and inputs excluded). CUDA: the caching allocator's peak; CPU: every
+    allocation and free the profiler records, summed in time order."""
     with torch.no_grad():
         if batch.device.type == "cuda":
             torch.cuda.synchronize(batch.device)
@@ -166,16 +167,17 @@ def peak_memory_bytes(forward: Callable[[Tensor], Tensor], batch: Tensor) -> int
             return torch.cuda.max_memory_allocated(batch.device) - before
         with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
             forward(batch)
-    changes = sorted(
-        (
-            event.time_range.start,
-            event.cpu_memory_usage if event.name == "[memory]" else event.self_cpu_memory_usage,
-        )
-        for event in prof.events()
-        if event.name == "[memory]" or event.self_cpu_memory_usage > 0
-    )
+    # The event tree holds each allocation (+size) and free (-size) as its own event;
+    # the per-operator summaries net them out and lose the order.
+    changes = []
+    pending = list(prof.profiler.kineto_results.experimental_event_tree())
+    while pending:
+        node = pending.pop()
+        if node.tag == _EventType.Allocation and node.extra_fields.device.type == "cpu":
+            changes.append((node.start_time_ns, node.extra_fields.alloc_size))
+        pending.extend(node.children)
     live = peak = 0
-    for _, change in changes:
+    for _, change in sorted(changes):
         live += change
         peak = max(peak, live)
     return peak

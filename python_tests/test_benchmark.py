@@ -68,7 +68,7 @@ def test_peak_memory_counts_the_live_intermediates():
     weight = torch.randn(256, 256)
     # Two live 1024x256 float32 results (1 MiB each) at the peak.
     peak = peak_memory_bytes(lambda x: (x @ weight) + (x @ weight).sum(), torch.randn(1024, 256))
-    assert 2 * 2**20 <= peak <= 4 * 2**20
+    assert 2 * 2**20 <= peak <= 2.1 * 2**20
 
 
 def test_median_rotates_inputs():
