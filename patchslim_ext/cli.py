@@ -102,6 +102,20 @@ def _report(args: argparse.Namespace, summary: dict[str, Any], lines: Sequence[s
             print(line)
 
 
+def _loop_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The options ``train`` and ``finetune`` share, from their common arguments."""
+    return {
+        "epochs": args.epochs,
+        "batch_size": args.batch_size,
+        "lr": args.lr,
+        "max_shift": args.shift,
+        "seed": args.seed,
+        "num_workers": args.workers,
+        "progress": not args.json,
+        "on_epoch_end": lambda log: _progress_line(args, log),
+    }
+
+
 def _cmd_train(args: argparse.Namespace) -> int:
     init_distributed()
     name, model = _build_model(args)
@@ -111,17 +125,10 @@ def _cmd_train(args: argparse.Namespace) -> int:
     logs = train(
         model,
         data,
-        epochs=args.epochs,
-        batch_size=args.batch_size,
-        lr=args.lr,
         weight_decay=args.weight_decay,
         warmup_epochs=args.warmup_epochs,
         label_smoothing=args.label_smoothing,
-        max_shift=args.shift,
-        seed=args.seed,
-        num_workers=args.workers,
-        progress=not args.json,
-        on_epoch_end=lambda log: _progress_line(args, log),
+        **_loop_options(args),
     )
     seconds = time.perf_counter() - start
     headline = f"trained {name} on {len(data)} images in {seconds:.0f} s -> {args.out}"
@@ -237,17 +244,10 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
         slimmed,
         teacher,
         data,
-        epochs=args.epochs,
-        batch_size=args.batch_size,
-        lr=args.lr,
         distillation=args.distillation,
         distill_weight=args.distill_weight,
         temperature=args.temperature,
-        max_shift=args.shift,
-        seed=args.seed,
-        num_workers=args.workers,
-        progress=not args.json,
-        on_epoch_end=lambda log: _progress_line(args, log),
+        **_loop_options(args),
     )
     headline = f"fine-tuned {args.checkpoint} for {args.epochs} epochs -> {args.out}"
     _save_trained(args, slimmed, held_out, logs, headline)
