@@ -448,20 +448,10 @@ def _parser() -> argparse.ArgumentParser:
     )
     _add_model_source(train_cmd)
     _add_data(train_cmd)
-    train_cmd.add_argument("--out", type=Path, required=True, help="checkpoint to write")
-    train_cmd.add_argument("--epochs", type=_positive_int, default=30)
-    train_cmd.add_argument("--batch-size", type=_positive_int, default=128, help="global batch")
-    train_cmd.add_argument("--lr", type=_positive_float, default=1e-3, help="peak learning rate")
+    _add_loop_arguments(train_cmd, epochs=30, lr=1e-3)
     train_cmd.add_argument("--weight-decay", type=float, default=0.05)
     train_cmd.add_argument("--warmup-epochs", type=float, default=2.0)
     train_cmd.add_argument("--label-smoothing", type=float, default=0.1)
-    train_cmd.add_argument(
-        "--shift",
-        type=int,
-        default=0,
-        help="random shifts of up to this many pixels (augmentation; 0: none)",
-    )
-    _add_common(train_cmd)
     train_cmd.set_defaults(handler=_cmd_train)
 
     slim_cmd = commands.add_parser(
@@ -516,15 +506,10 @@ def _parser() -> argparse.ArgumentParser:
     )
     finetune_cmd.add_argument("--teacher", type=Path, required=True, help="dense checkpoint")
     _add_data(finetune_cmd)
-    finetune_cmd.add_argument("--out", type=Path, required=True, help="checkpoint to write")
-    finetune_cmd.add_argument("--epochs", type=_positive_int, default=3)
-    finetune_cmd.add_argument("--batch-size", type=_positive_int, default=128)
-    finetune_cmd.add_argument("--lr", type=_positive_float, default=1e-4)
+    _add_loop_arguments(finetune_cmd, epochs=3, lr=1e-4)
     finetune_cmd.add_argument("--distillation", choices=DISTILLATION_MODES, default="soft")
     finetune_cmd.add_argument("--distill-weight", type=float, default=0.5, help="alpha (0.5)")
     finetune_cmd.add_argument("--temperature", type=_positive_float, default=1.0, help="tau")
-    finetune_cmd.add_argument("--shift", type=int, default=0, help="random shifts (pixels)")
-    _add_common(finetune_cmd)
     finetune_cmd.set_defaults(handler=_cmd_finetune)
 
     eval_cmd = commands.add_parser(
@@ -653,6 +638,21 @@ def _add_data(parser: argparse.ArgumentParser) -> None:
         "--eval-data",
         help="held-out image folder (default: the 1,000 test digits when --data is digits)",
     )
+
+
+def _add_loop_arguments(parser: argparse.ArgumentParser, *, epochs: int, lr: float) -> None:
+    """The arguments of ``train`` and ``finetune`` that :func:`_loop_options` reads."""
+    parser.add_argument("--out", type=Path, required=True, help="checkpoint to write")
+    parser.add_argument("--epochs", type=_positive_int, default=epochs)
+    parser.add_argument("--batch-size", type=_positive_int, default=128, help="global batch")
+    parser.add_argument("--lr", type=_positive_float, default=lr, help="peak learning rate")
+    parser.add_argument(
+        "--shift",
+        type=int,
+        default=0,
+        help="random shifts of up to this many pixels (augmentation; 0: none)",
+    )
+    _add_common(parser)
 
 
 def _add_common(parser: argparse.ArgumentParser) -> None:
