@@ -7,6 +7,38 @@ import torch
 
 import patchslim_ext  # noqa: F401  (registers torch.ops.patchslim)
 
+
+def _define_torchvision_schemas_if_unloadable() -> None:
+    """Let ``import timm`` (hence ``import torchvision``) work on a CPU-only torch.
+
+    The package registry's torchvision is built against CUDA torch: on our CPU torch its
+    compiled library does not load, so the operator schemas it would define are missing,
+    and torchvision's import stops at its fake-kernel registrations for
+    ``torchvision::nms`` and ``torchvision::qnms``. Defining those two schemas (as the
+    library would) lets the pure-Python rest import; no test calls them. Where the
+    library loads (a matching torch), nothing is defined here.
+    """
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.find_spec("torchvision")
+    if spec is None or not spec.submodule_search_locations:
+        return
+    library = next(Path(spec.submodule_search_locations[0]).glob("_C*.so"), None)
+    try:
+        if library is not None:
+            torch.ops.load_library(str(library))
+            return
+    except OSError:
+        pass
+    for name in ("nms", "qnms"):
+        torch.library.define(
+            f"torchvision::{name}", "(Tensor dets, Tensor scores, float iou_threshold) -> Tensor"
+        )
+
+
+_define_torchvision_schemas_if_unloadable()
+
 CUDA_SKIP_REASON = "CUDA is not available (no GPU on this machine, or torch built without CUDA)"
 
 

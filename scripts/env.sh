@@ -24,6 +24,11 @@ patchslim_setup_env() {
   "${pip[@]}" --upgrade pip "setuptools>=64" wheel ninja
   "${pip[@]}" "${PATCHSLIM_TORCH:-torch==2.13.0}"
   echo "==> building patchslim_ext${PATCHSLIM_EXTRAS:+ [$PATCHSLIM_EXTRAS]}"
-  (cd "$root" && "${pip[@]}" --no-build-isolation -e ".${PATCHSLIM_EXTRAS:+[$PATCHSLIM_EXTRAS]}")
+  # Extras such as timm depend on torchvision, whose newest release asks for a newer
+  # torch: pin the torch just installed so that pip never pulls a second one.
+  local constraints="$venv/torch-constraint.txt"
+  "$venv/bin/python" -c 'import torch; print(f"torch=={torch.__version__}")' >"$constraints"
+  (cd "$root" && "${pip[@]}" --no-build-isolation -c "$constraints" \
+    -e ".${PATCHSLIM_EXTRAS:+[$PATCHSLIM_EXTRAS]}")
   export PATH="$venv/bin:$PATH"
 }
