@@ -38,20 +38,25 @@ TORCH_LIBRARY(patchslim, m) {
   //   MSA sub-layer -> (x[:, :n] + Proj(Attn(LN1(x)[:, :n], LN1(x), LN1(x))) (B, n, C),
   //                     attention probabilities (B, H, n, N),
   //                     and, for the backward, q (B, n, C), kv (B, N, 2C), context (B, n, C)).
+  //   qkv_bias None: the projection has no bias (T2T-ViT, timm's qkv_bias=False).
+  //   scale None: logits are scaled by 1/sqrt(head_dim).
   m.def(
       "pruned_msa(Tensor x, SymInt n_keep, int num_heads, Tensor ln_weight, Tensor ln_bias,"
-      " Tensor qkv_weight, Tensor qkv_bias, Tensor proj_weight, Tensor proj_bias, float eps)"
-      " -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+      " Tensor qkv_weight, Tensor? qkv_bias, Tensor proj_weight, Tensor proj_bias, float eps,"
+      " float? scale=None) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
   //   The same, updating x[:, :n_keep] in place (inference).
   m.def(
       "pruned_msa_(Tensor(a!) x, SymInt n_keep, int num_heads, Tensor ln_weight, Tensor ln_bias,"
-      " Tensor qkv_weight, Tensor qkv_bias, Tensor proj_weight, Tensor proj_bias, float eps) -> ()");
-  //   -> grads of x, ln_weight, ln_bias, qkv_weight, qkv_bias, proj_weight, proj_bias.
+      " Tensor qkv_weight, Tensor? qkv_bias, Tensor proj_weight, Tensor proj_bias, float eps,"
+      " float? scale=None) -> ()");
+  //   -> grads of x, ln_weight, ln_bias, qkv_weight, qkv_bias, proj_weight, proj_bias
+  //   (without a qkv_bias, the (3C,) gradient a zero bias would get).
   m.def(
       "pruned_msa_backward(Tensor grad_out, Tensor? grad_attn, Tensor x, SymInt n_keep,"
-      " int num_heads, Tensor ln_weight, Tensor ln_bias, Tensor qkv_weight, Tensor qkv_bias,"
+      " int num_heads, Tensor ln_weight, Tensor ln_bias, Tensor qkv_weight, Tensor? qkv_bias,"
       " Tensor proj_weight, Tensor proj_bias, float eps, Tensor attn, Tensor q, Tensor kv,"
-      " Tensor context) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+      " Tensor context, float? scale=None)"
+      " -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
   //   MLP sub-layer on the kept rows x (B, n, C) -> (x + FC2(GELU(FC1(LN2(x)))),
   //                                                  FC1's output before bias (B, n, D)).
   m.def(

@@ -7,9 +7,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import cpu_and_cuda, cpu_isas, randomise_parameters
-from hypothesis import given, settings
-from hypothesis import strategies as st
+from conftest import cpu_isas, randomise_parameters
 
 import patchslim_ext as ps
 from patchslim_ext.ops import pruned_mlp, pruned_msa
@@ -121,80 +119,6 @@ def test_gradients_match_the_masked_reference():
         torch.testing.assert_close(ours[name], p.grad, rtol=1e-9, atol=1e-12, msg=name)
 
 
-def _block_inputs(dtype=torch.float64, device="cpu", tokens=7, channels=12, hidden=20, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-
-    def rand(*shape, scale=0.3, shift=0.0):
-        return (torch.randn(*shape, generator=gen, dtype=torch.float64) * scale + shift).to(
-            device=device, dtype=dtype
-        )
-
-    x = rand(2, tokens, channels, scale=1.0)
-    msa = [
-        rand(channels, shift=1.0),
-        rand(channels),
-        rand(3 * channels, channels),
-        rand(3 * channels),
-        rand(channels, channels),
-        rand(channels),
-    ]
-    mlp = [
-        rand(channels, shift=1.0),
-        rand(channels),
-        rand(hidden, channels),
-        rand(hidden),
-        rand(channels, hidden),
-        rand(channels),
-    ]
-    return x, msa, mlp
-
-
-@pytest.mark.parametrize("n_keep", [1, 4, 7])
-def test_gradcheck_fp64(n_keep):
-    x, msa, mlp = _block_inputs()
-    inputs = [t.requires_grad_() for t in (x, *msa)]
-    assert torch.autograd.gradcheck(lambda x, *p: pruned_msa(x, n_keep, 3, *p), inputs)
-    kept = x.detach()[:, :n_keep].clone().requires_grad_()
-    assert torch.autograd.gradcheck(
-        lambda x, *p: pruned_mlp(x, *p), [kept, *(t.requires_grad_() for t in mlp)]
-    )
-
-
-@pytest.mark.parametrize("device", cpu_and_cuda())
-def test_opcheck(device):
-    dtype = torch.float64 if device == "cpu" else torch.float32
-    x, msa, mlp = _block_inputs(dtype, device)
-    ops = torch.ops.patchslim
-    grad_inputs = [t.clone().requires_grad_() for t in (x, *msa)]
-    torch.library.opcheck(ops.pruned_msa.default, (grad_inputs[0], 4, 3, *grad_inputs[1:], 1e-6))
-    kept = x[:, :4].clone().requires_grad_()
-    torch.library.opcheck(
-        ops.pruned_mlp.default, (kept, *(t.clone().requires_grad_() for t in mlp), 1e-6)
-    )
-    torch.library.opcheck(ops.pruned_msa_.default, (x.clone(), 4, 3, *msa, 1e-6))
-    torch.library.opcheck(ops.pruned_mlp_.default, (x.clone(), *mlp, 1e-6))
-    out, attn, q, kv, context = ops.pruned_msa(x, 4, 3, *msa, 1e-6)
-    for grad_attn in (None, torch.randn_like(attn)):
-        torch.library.opcheck(
-            ops.pruned_msa_backward.default,
-            (torch.randn_like(out), grad_attn, x, 4, 3, *msa, 1e-6, attn, q, kv, context),
-        )
-    _, pre = ops.pruned_mlp(x, *mlp, 1e-6)
-    torch.library.opcheck(
-        ops.pruned_mlp_backward.default, (torch.randn_like(x), x, *mlp, 1e-6, pre)
-    )
-
-
-def test_in_place_ops_touch_only_the_prefix():
-    x, msa, mlp = _block_inputs(torch.float32)
-    updated = x.clone()
-    torch.ops.patchslim.pruned_msa_(updated, 3, 3, *msa, 1e-6)
-    torch.ops.patchslim.pruned_mlp_(updated[:, :3], *mlp, 1e-6)
-    want = pruned_mlp(pruned_msa(x, 3, 3, *msa)[0], *mlp)
-    torch.testing.assert_close(updated[:, :3], want)
-    assert torch.equal(updated[:, 3:], x[:, 3:])
-
-
 @pytest.mark.parametrize("isa", cpu_isas())
 def test_each_cpu_isa(isa, cpu_isa_env):
     model = _model()
@@ -292,78 +216,3 @@ def test_invalid_masks_and_mismatched_plan():
         ps.PrunedViT(_model(), ps.SlimPlan.dense(5, 4))
     with pytest.raises(ValueError, match="not a SlimPlan JSON"):
         ps.SlimPlan.from_json("{}")
-
-
-@pytest.mark.parametrize(
-    ("call", "message"),
-    [
-        (lambda x, a, m: pruned_msa(x, 0, 3, *a), r"n_keep must be in \[1, N=7\], got 0"),
-        (lambda x, a, m: pruned_msa(x, 8, 3, *a), r"n_keep must be in \[1, N=7\], got 8"),
-        (lambda x, a, m: pruned_msa(x, 2, 5, *a), "C=12 must be divisible by num_heads=5"),
-        (lambda x, a, m: pruned_msa(x[0], 2, 3, *a), r"x must have shape \(B, N, C\)"),
-        (
-            lambda x, a, m: pruned_msa(x, 2, 3, a[0], a[1], a[2][:30], *a[3:]),
-            r"qkv_weight must have shape \(3C, C\)",
-        ),
-        (
-            lambda x, a, m: pruned_msa(x, 2, 3, *a[:5], a[5].float()),
-            "proj_bias must have x's dtype",
-        ),
-        (
-            lambda x, a, m: pruned_msa(x.half(), 2, 3, *(t.half() for t in a)),
-            "CPU supports float32 and float64",
-        ),
-        (
-            lambda x, a, m: pruned_mlp(x, m[0], m[1], m[2], m[3][:3], m[4], m[5]),
-            r"fc1_bias must have shape \(D,\)",
-        ),
-        (
-            lambda x, a, m: pruned_mlp(x, m[0], m[1], m[2], m[3], m[4].T, m[5]),
-            r"fc2_weight must have shape \(C, D\)",
-        ),
-    ],
-)
-def test_bad_inputs_name_the_argument(call, message):
-    x, msa, mlp = _block_inputs()
-    with pytest.raises(RuntimeError, match=message):
-        call(x, msa, mlp)
-
-
-@settings(max_examples=40, deadline=None)
-@given(
-    batch=st.integers(0, 2),
-    tokens=st.integers(1, 6),
-    heads=st.integers(1, 4),
-    head_dim=st.integers(1, 5),
-    n_keep=st.integers(-1, 7),
-    dtype=st.sampled_from([torch.float32, torch.float64, torch.int64]),
-    bad_weight=st.booleans(),
-    strided=st.booleans(),
-)
-def test_fuzz_block_ops_never_crash(
-    batch, tokens, heads, head_dim, n_keep, dtype, bad_weight, strided
-):
-    channels = heads * head_dim
-    x = (
-        torch.randn(batch, tokens, 2 * channels)[..., ::2]
-        if strided
-        else torch.randn(batch, tokens, channels)
-    )
-    x = x.to(dtype)
-    msa = [
-        torch.randn(channels),
-        torch.randn(channels),
-        torch.randn(3 * channels + bad_weight, channels),
-        torch.randn(3 * channels),
-        torch.randn(channels, channels),
-        torch.randn(channels),
-    ]
-    msa = [t.to(dtype) for t in msa]
-    valid = 1 <= n_keep <= tokens and not bad_weight and dtype != torch.int64
-    if not valid:
-        with pytest.raises(RuntimeError):
-            torch.ops.patchslim.pruned_msa(x, n_keep, heads, *msa, 1e-6)
-        return
-    out, attn, *_ = torch.ops.patchslim.pruned_msa(x, n_keep, heads, *msa, 1e-6)
-    assert out.shape == (batch, n_keep, channels) and attn.shape == (batch, heads, n_keep, tokens)
-    assert torch.isfinite(out).all()

@@ -4,7 +4,8 @@
 // backend. Block l updates only its kept rows [0, n) of x (B, N, C); keys and
 // values come from all N rows; the other rows pass through.
 //
-//   MSA:  out = x[:, :n] + Proj(softmax(Q Kᵀ/√d) V),  Q = LN1(x)[:, :n] Wq,  K, V = LN1(x) Wk, Wv
+//   MSA:  out = x[:, :n] + Proj(softmax(s·Q Kᵀ) V),  Q = LN1(x)[:, :n] Wq,  K, V = LN1(x) Wk, Wv
+//         (s = 1/√d unless the caller gives one; the qkv bias is optional)
 //   MLP:  out = x + FC2(GELU(FC1(LN2(x))))            on the kept rows x (B, n, C)
 //
 // GEMMs are ATen's; LayerNorm, the softmax, bias+GELU and bias+residual are the
@@ -34,6 +35,7 @@
 #include <torch/library.h>
 
 #include <cmath>
+#include <optional>
 #include <tuple>
 
 namespace patchslim::block {
@@ -52,7 +54,7 @@ struct MsaParams {
   const at::Tensor& ln_weight;
   const at::Tensor& ln_bias;
   const at::Tensor& qkv_weight;
-  const at::Tensor& qkv_bias;
+  const std::optional<at::Tensor>& qkv_bias;  // absent: the projection has no bias
   const at::Tensor& proj_weight;
   const at::Tensor& proj_bias;
 };
@@ -79,7 +81,7 @@ inline void check_msa(const at::Tensor& x, int64_t n_keep, int64_t num_heads, co
   check_param(p.ln_weight, x, {C}, op, "ln_weight", "(C,)");
   check_param(p.ln_bias, x, {C}, op, "ln_bias", "(C,)");
   check_param(p.qkv_weight, x, {3 * C, C}, op, "qkv_weight", "(3C, C)");
-  check_param(p.qkv_bias, x, {3 * C}, op, "qkv_bias", "(3C,)");
+  if (p.qkv_bias.has_value()) check_param(*p.qkv_bias, x, {3 * C}, op, "qkv_bias", "(3C,)");
   check_param(p.proj_weight, x, {C, C}, op, "proj_weight", "(C, C)");
   check_param(p.proj_bias, x, {C}, op, "proj_bias", "(C,)");
 }
@@ -127,14 +129,17 @@ template <typename Backend>
 MsaProjections msa_projections(const at::Tensor& normed, int64_t n_keep, int64_t num_heads,
                                const MsaParams& p) {
   const int64_t C = normed.size(2);
-  return {at::linear(normed.narrow(1, 0, n_keep), p.qkv_weight.narrow(0, 0, C),
-                     p.qkv_bias.narrow(0, 0, C)),
-          at::linear(normed, p.qkv_weight.narrow(0, C, 2 * C), p.qkv_bias.narrow(0, C, 2 * C)),
-          num_heads};
+  const auto bias = [&](int64_t start, int64_t length) -> std::optional<at::Tensor> {
+    if (!p.qkv_bias.has_value()) return std::nullopt;
+    return p.qkv_bias->narrow(0, start, length);
+  };
+  return {at::linear(normed.narrow(1, 0, n_keep), p.qkv_weight.narrow(0, 0, C), bias(0, C)),
+          at::linear(normed, p.qkv_weight.narrow(0, C, 2 * C), bias(C, 2 * C)), num_heads};
 }
 
-inline double attention_scale(int64_t channels, int64_t heads) {
-  return 1.0 / std::sqrt(static_cast<double>(channels / heads));
+// The logits' scale: the caller's (T2T-ViT uses embed_dim^-0.5), else 1/sqrt(head_dim).
+inline double attention_scale(int64_t channels, int64_t heads, std::optional<double> scale) {
+  return scale.value_or(1.0 / std::sqrt(static_cast<double>(channels / heads)));
 }
 
 // (projected attention (B, n, C) without bias, probabilities (B, H, n, N)).
@@ -155,20 +160,22 @@ struct MsaForward {
 
 template <typename Backend>
 MsaForward msa_core(const at::Tensor& x, int64_t n_keep, int64_t num_heads, const MsaParams& p,
-                    double eps, bool want_probs) {
+                    double eps, std::optional<double> scale, bool want_probs) {
   const auto normed = std::get<0>(Backend::layer_norm(x, p.ln_weight, p.ln_bias, eps));
   const auto proj = msa_projections<Backend>(normed, n_keep, num_heads, p);
-  auto [context, probs] = Backend::attention(proj.q_heads(), proj.k_heads(), proj.v_heads(),
-                                             attention_scale(x.size(2), num_heads), want_probs);
+  auto [context, probs] =
+      Backend::attention(proj.q_heads(), proj.k_heads(), proj.v_heads(),
+                         attention_scale(x.size(2), num_heads, scale), want_probs);
   return {at::matmul(context, p.proj_weight.t()), probs, proj.q, proj.kv, context};
 }
 
 template <typename Backend>
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> pruned_msa(
-    const at::Tensor& x, int64_t n_keep, int64_t num_heads, const MsaParams& p, double eps) {
+    const at::Tensor& x, int64_t n_keep, int64_t num_heads, const MsaParams& p, double eps,
+    std::optional<double> scale) {
   check_msa(x, n_keep, num_heads, p, "pruned_msa");
   Backend::check_dtype(x, "pruned_msa");
-  auto f = msa_core<Backend>(x, n_keep, num_heads, p, eps, /*want_probs=*/true);
+  auto f = msa_core<Backend>(x, n_keep, num_heads, p, eps, scale, /*want_probs=*/true);
   Backend::bias_residual_(f.projected, p.proj_bias, x.narrow(1, 0, n_keep));
   return {f.projected, f.probs, f.q, f.kv, f.context};
 }
@@ -177,20 +184,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> pruned_ms
 // after LN1.
 template <typename Backend>
 void pruned_msa_(const at::Tensor& x, int64_t n_keep, int64_t num_heads, const MsaParams& p,
-                 double eps) {
+                 double eps, std::optional<double> scale) {
   check_msa(x, n_keep, num_heads, p, "pruned_msa_");
   Backend::check_dtype(x, "pruned_msa_");
   TORCH_CHECK(x.stride(2) == 1, "pruned_msa_: x must have a contiguous channel dimension");
-  const auto f = msa_core<Backend>(x, n_keep, num_heads, p, eps, /*want_probs=*/false);
+  const auto f = msa_core<Backend>(x, n_keep, num_heads, p, eps, scale, /*want_probs=*/false);
   Backend::bias_residual_(x.narrow(1, 0, n_keep), p.proj_bias, f.projected);
 }
 
 template <typename Backend>
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
-pruned_msa_backward(const at::Tensor& grad_out_arg, const c10::optional<at::Tensor>& grad_probs,
+pruned_msa_backward(const at::Tensor& grad_out_arg, const std::optional<at::Tensor>& grad_probs,
                     const at::Tensor& x, int64_t n_keep, int64_t num_heads, const MsaParams& p,
                     double eps, const at::Tensor& probs_arg, const at::Tensor& q,
-                    const at::Tensor& kv, const at::Tensor& context) {
+                    const at::Tensor& kv, const at::Tensor& context,
+                    std::optional<double> scale) {
   constexpr const char* op = "pruned_msa_backward";
   check_msa(x, n_keep, num_heads, p, op);
   Backend::check_dtype(x, op);
@@ -216,7 +224,7 @@ pruned_msa_backward(const at::Tensor& grad_out_arg, const c10::optional<at::Tens
   if (grad_probs.has_value() && grad_probs->defined()) {
     grad_logits.add_(*grad_probs);
   }
-  Backend::softmax_backward_(grad_logits, probs, attention_scale(C, num_heads));
+  Backend::softmax_backward_(grad_logits, probs, attention_scale(C, num_heads, scale));
   const auto grad_q = merge_heads(at::matmul(grad_logits, a.k_heads()));
   const auto grad_kv = at::cat({merge_heads(at::matmul(grad_logits.transpose(-2, -1), a.q_heads())),
                                 merge_heads(grad_v)},
@@ -300,27 +308,29 @@ using Grads7 =
 template <typename Backend>
 struct Ops {
   static std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> msa(
-      const at::Tensor& x, int64_t n_keep, int64_t heads,
-                                                const at::Tensor& ln_w, const at::Tensor& ln_b,
-                                                const at::Tensor& qkv_w, const at::Tensor& qkv_b,
-                                                const at::Tensor& proj_w, const at::Tensor& proj_b,
-                                                double eps) {
-    return pruned_msa<Backend>(x, n_keep, heads, {ln_w, ln_b, qkv_w, qkv_b, proj_w, proj_b}, eps);
+      const at::Tensor& x, int64_t n_keep, int64_t heads, const at::Tensor& ln_w,
+      const at::Tensor& ln_b, const at::Tensor& qkv_w, const std::optional<at::Tensor>& qkv_b,
+      const at::Tensor& proj_w, const at::Tensor& proj_b, double eps,
+      std::optional<double> scale) {
+    return pruned_msa<Backend>(x, n_keep, heads, {ln_w, ln_b, qkv_w, qkv_b, proj_w, proj_b}, eps,
+                               scale);
   }
   static void msa_(const at::Tensor& x, int64_t n_keep, int64_t heads, const at::Tensor& ln_w,
-                   const at::Tensor& ln_b, const at::Tensor& qkv_w, const at::Tensor& qkv_b,
-                   const at::Tensor& proj_w, const at::Tensor& proj_b, double eps) {
-    pruned_msa_<Backend>(x, n_keep, heads, {ln_w, ln_b, qkv_w, qkv_b, proj_w, proj_b}, eps);
+                   const at::Tensor& ln_b, const at::Tensor& qkv_w,
+                   const std::optional<at::Tensor>& qkv_b, const at::Tensor& proj_w,
+                   const at::Tensor& proj_b, double eps, std::optional<double> scale) {
+    pruned_msa_<Backend>(x, n_keep, heads, {ln_w, ln_b, qkv_w, qkv_b, proj_w, proj_b}, eps, scale);
   }
-  static Grads7 msa_backward(const at::Tensor& grad_out, const c10::optional<at::Tensor>& grad_attn,
+  static Grads7 msa_backward(const at::Tensor& grad_out, const std::optional<at::Tensor>& grad_attn,
                              const at::Tensor& x, int64_t n_keep, int64_t heads,
                              const at::Tensor& ln_w, const at::Tensor& ln_b, const at::Tensor& qkv_w,
-                             const at::Tensor& qkv_b, const at::Tensor& proj_w,
+                             const std::optional<at::Tensor>& qkv_b, const at::Tensor& proj_w,
                              const at::Tensor& proj_b, double eps, const at::Tensor& attn,
-                             const at::Tensor& q, const at::Tensor& kv, const at::Tensor& context) {
+                             const at::Tensor& q, const at::Tensor& kv, const at::Tensor& context,
+                             std::optional<double> scale) {
     return pruned_msa_backward<Backend>(grad_out, grad_attn, x, n_keep, heads,
                                         {ln_w, ln_b, qkv_w, qkv_b, proj_w, proj_b}, eps, attn, q,
-                                        kv, context);
+                                        kv, context, scale);
   }
   static std::tuple<at::Tensor, at::Tensor> mlp(const at::Tensor& x, const at::Tensor& ln_w,
                                                 const at::Tensor& ln_b,

@@ -48,20 +48,25 @@ the backward reads (as ``native_layer_norm`` returns its statistics). The ``_`` 
 update ``x`` in place for inference.
 
 ``patchslim::pruned_msa(Tensor x, SymInt n_keep, int num_heads, Tensor ln_weight,
-Tensor ln_bias, Tensor qkv_weight, Tensor qkv_bias, Tensor proj_weight, Tensor proj_bias,
-float eps) -> (Tensor out, Tensor attn, Tensor q, Tensor kv, Tensor context)``
-    ``out`` (B, n_keep, C) = ``x[:, :n] + Proj(softmax(Q Kᵀ/√d) V)`` with ``Q`` from
+Tensor ln_bias, Tensor qkv_weight, Tensor? qkv_bias, Tensor proj_weight, Tensor proj_bias,
+float eps, float? scale=None) -> (Tensor out, Tensor attn, Tensor q, Tensor kv,
+Tensor context)``
+    ``out`` (B, n_keep, C) = ``x[:, :n] + Proj(softmax(s·Q Kᵀ) V)`` with ``Q`` from
     ``LN1(x)[:, :n]`` and ``K, V`` from all N rows of ``LN1(x)``; ``attn`` (B, H, n_keep, N)
     the probabilities; saved for the backward: ``q`` (B, n_keep, C), ``kv`` (B, N, 2C),
-    ``context`` (B, n_keep, C). ``qkv_weight`` (3C, C), ``qkv_bias`` (3C,),
-    ``proj_weight`` (C, C). On CPU the attention core is one fused kernel.
+    ``context`` (B, n_keep, C). ``qkv_weight`` (3C, C), ``qkv_bias`` (3C,) or ``None``
+    (no bias), ``proj_weight`` (C, C). ``scale`` ``s``: ``None`` is ``1/√d``, d = C/H.
+    On CPU the attention core is one fused kernel.
 
-``patchslim::pruned_msa_(Tensor(a!) x, …) -> ()``: the same, written into ``x[:, :n_keep]``;
-no probabilities are formed.
+``patchslim::pruned_msa_(Tensor(a!) x, …, float eps, float? scale=None) -> ()``: the same,
+written into ``x[:, :n_keep]``; no probabilities are formed.
 
 ``patchslim::pruned_msa_backward(Tensor grad_out, Tensor? grad_attn, Tensor x, …,
-Tensor attn, Tensor q, Tensor kv, Tensor context) -> (grad_x, grad_ln_weight, grad_ln_bias,
-grad_qkv_weight, grad_qkv_bias, grad_proj_weight, grad_proj_bias)``
+Tensor attn, Tensor q, Tensor kv, Tensor context, float? scale=None) -> (grad_x,
+grad_ln_weight, grad_ln_bias, grad_qkv_weight, grad_qkv_bias, grad_proj_weight,
+grad_proj_bias)``
+    Without a ``qkv_bias``, ``grad_qkv_bias`` (3C,) is the gradient a zero bias would get;
+    the autograd formula returns ``None`` for it.
 
 ``patchslim::pruned_mlp(Tensor x, Tensor ln_weight, Tensor ln_bias, Tensor fc1_weight,
 Tensor fc1_bias, Tensor fc2_weight, Tensor fc2_bias, float eps) -> (Tensor out, Tensor pre)``

@@ -8,6 +8,7 @@ Besides their results, the forward ops return the activations their backward rea
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 _MSA_PARAMS = ("ln_weight", "ln_bias", "qkv_weight", "qkv_bias", "proj_weight", "proj_bias")
@@ -40,8 +41,17 @@ def _pruned_msa_inplace_fake(x, n_keep, num_heads, *params_and_eps):
 
 @torch.library.register_fake("patchslim::pruned_msa_backward")
 def _pruned_msa_backward_fake(grad_out, grad_attn, x, n_keep, num_heads, *rest):
-    params = rest[: len(_MSA_PARAMS)]
-    return (torch.empty_like(x), *(torch.empty_like(p) for p in params))
+    ln_weight, ln_bias, qkv_weight, _qkv_bias, proj_weight, proj_bias = rest[: len(_MSA_PARAMS)]
+    return (
+        torch.empty_like(x),
+        torch.empty_like(ln_weight),
+        torch.empty_like(ln_bias),
+        torch.empty_like(qkv_weight),
+        # Without a qkv_bias the op still returns the (3C,) gradient a zero bias would get.
+        qkv_weight.new_empty(qkv_weight.shape[0]),
+        torch.empty_like(proj_weight),
+        torch.empty_like(proj_bias),
+    )
 
 
 @torch.library.register_fake("patchslim::pruned_mlp")
@@ -69,18 +79,31 @@ def _pruned_mlp_backward_fake(grad_out, x, *rest):
 
 
 def _msa_setup_context(ctx, inputs, output) -> None:
-    x, n_keep, num_heads, *params, eps = inputs
+    x, n_keep, num_heads, *params, eps, scale = inputs
     _out, attn, q, kv, context = output
     ctx.save_for_backward(x, *params, attn, q, kv, context)
-    ctx.n_keep, ctx.num_heads, ctx.eps = n_keep, num_heads, eps
+    ctx.n_keep, ctx.num_heads, ctx.eps, ctx.scale = n_keep, num_heads, eps, scale
 
 
 def _msa_backward(ctx, grad_out: Tensor, grad_attn: Tensor | None, *_saved_grads):
     x, *params, attn, q, kv, context = ctx.saved_tensors
     grad_x, *param_grads = torch.ops.patchslim.pruned_msa_backward(
-        grad_out, grad_attn, x, ctx.n_keep, ctx.num_heads, *params, ctx.eps, attn, q, kv, context
+        grad_out,
+        grad_attn,
+        x,
+        ctx.n_keep,
+        ctx.num_heads,
+        *params,
+        ctx.eps,
+        attn,
+        q,
+        kv,
+        context,
+        ctx.scale,
     )
-    return grad_x, None, None, *param_grads, None
+    if params[_MSA_PARAMS.index("qkv_bias")] is None:
+        param_grads[_MSA_PARAMS.index("qkv_bias")] = None
+    return grad_x, None, None, *param_grads, None, None
 
 
 def _mlp_setup_context(ctx, inputs, output) -> None:
@@ -105,6 +128,54 @@ torch.library.register_autograd(
 )
 
 
+def _split_heads(t: Tensor, heads: int) -> Tensor:
+    return t.unflatten(-1, (heads, -1)).transpose(1, 2)
+
+
+def _pruned_msa_reference(
+    x: Tensor,
+    n_keep: int,
+    num_heads: int,
+    ln_weight: Tensor,
+    ln_bias: Tensor,
+    qkv_weight: Tensor,
+    qkv_bias: Tensor | None,
+    proj_weight: Tensor,
+    proj_bias: Tensor,
+    eps: float,
+    scale: float | None = None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """``patchslim::pruned_msa`` in standard torch ops, all five outputs."""
+    channels = x.shape[-1]
+    q_bias, kv_bias = (None, None) if qkv_bias is None else qkv_bias.split([channels, 2 * channels])
+    normed = F.layer_norm(x, (channels,), ln_weight, ln_bias, eps)
+    q = F.linear(normed[:, :n_keep], qkv_weight[:channels], q_bias)
+    kv = F.linear(normed, qkv_weight[channels:], kv_bias)
+    keys, values = (_split_heads(t, num_heads) for t in kv.split(channels, -1))
+    if scale is None:
+        scale = (channels // num_heads) ** -0.5
+    logits = torch.matmul(_split_heads(q, num_heads), keys.transpose(-2, -1))
+    attn = torch.softmax(logits * scale, -1)
+    context = torch.matmul(attn, values).transpose(1, 2).flatten(2)
+    out = x[:, :n_keep] + F.linear(context, proj_weight, proj_bias)
+    return out, attn, q, kv, context
+
+
+def _pruned_mlp_reference(
+    x: Tensor,
+    ln_weight: Tensor,
+    ln_bias: Tensor,
+    fc1_weight: Tensor,
+    fc1_bias: Tensor,
+    fc2_weight: Tensor,
+    fc2_bias: Tensor,
+    eps: float,
+) -> tuple[Tensor, Tensor]:
+    """``patchslim::pruned_mlp`` in standard torch ops, both outputs."""
+    pre = F.linear(F.layer_norm(x, (x.shape[-1],), ln_weight, ln_bias, eps), fc1_weight)
+    return x + F.linear(F.gelu(pre + fc1_bias), fc2_weight, fc2_bias), pre
+
+
 def pruned_msa(
     x: Tensor,
     n_keep: int,
@@ -112,17 +183,22 @@ def pruned_msa(
     ln_weight: Tensor,
     ln_bias: Tensor,
     qkv_weight: Tensor,
-    qkv_bias: Tensor,
+    qkv_bias: Tensor | None,
     proj_weight: Tensor,
     proj_bias: Tensor,
     eps: float = 1e-6,
+    scale: float | None = None,
 ) -> tuple[Tensor, Tensor]:
     """The attention sub-layer of a pruned block.
 
     Args:
         x: (B, N, C) block input; rows [0, n_keep) are the kept tokens.
-        qkv_weight, qkv_bias: (3C, C), (3C,) in timm's [q; k; v] layout.
+        qkv_weight, qkv_bias: (3C, C), (3C,) in timm's [q; k; v] layout; ``qkv_bias=None``
+            for a projection without bias (T2T-ViT, timm's ``qkv_bias=False``).
         proj_weight, proj_bias: (C, C), (C,).
+        eps: LN1's epsilon.
+        scale: the logits' scale; ``None`` is ``head_dim**-0.5`` (T2T-ViT's pretrained
+            models use ``embed_dim**-0.5``).
 
     Returns:
         ``x[:, :n_keep] + Proj(Attn(LN1(x)[:, :n_keep], LN1(x), LN1(x)))``, (B, n_keep, C),
@@ -139,6 +215,7 @@ def pruned_msa(
         proj_weight,
         proj_bias,
         eps,
+        scale,
     )
     return out, attn
 

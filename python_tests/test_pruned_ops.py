@@ -1,0 +1,253 @@
+"""The pruned-block ops (pruned_msa, pruned_mlp, their in-place and backward variants)
+against their plain-torch references: numerics, options, autograd, opcheck, bad inputs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import cpu_and_cuda
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from patchslim_ext.ops import pruned_mlp, pruned_msa
+from patchslim_ext.ops.pruned_block import _pruned_msa_reference
+
+EPS = 1e-6
+
+
+def _block_inputs(dtype=torch.float64, device="cpu", tokens=7, channels=12, hidden=20, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+
+    def rand(*shape, scale=0.3, shift=0.0):
+        return (torch.randn(*shape, generator=gen, dtype=torch.float64) * scale + shift).to(
+            device=device, dtype=dtype
+        )
+
+    x = rand(2, tokens, channels, scale=1.0)
+    msa = [
+        rand(channels, shift=1.0),
+        rand(channels),
+        rand(3 * channels, channels),
+        rand(3 * channels),
+        rand(channels, channels),
+        rand(channels),
+    ]
+    mlp = [
+        rand(channels, shift=1.0),
+        rand(channels),
+        rand(hidden, channels),
+        rand(hidden),
+        rand(channels, hidden),
+        rand(channels),
+    ]
+    return x, msa, mlp
+
+
+@pytest.mark.parametrize("n_keep", [1, 4, 7])
+def test_gradcheck_fp64(n_keep):
+    x, msa, mlp = _block_inputs()
+    inputs = [t.requires_grad_() for t in (x, *msa)]
+    assert torch.autograd.gradcheck(lambda x, *p: pruned_msa(x, n_keep, 3, *p), inputs)
+    kept = x.detach()[:, :n_keep].clone().requires_grad_()
+    assert torch.autograd.gradcheck(
+        lambda x, *p: pruned_mlp(x, *p), [kept, *(t.requires_grad_() for t in mlp)]
+    )
+
+
+@pytest.mark.parametrize("device", cpu_and_cuda())
+def test_opcheck(device):
+    dtype = torch.float64 if device == "cpu" else torch.float32
+    x, msa, mlp = _block_inputs(dtype, device)
+    ops = torch.ops.patchslim
+    grad_inputs = [t.clone().requires_grad_() for t in (x, *msa)]
+    torch.library.opcheck(ops.pruned_msa.default, (grad_inputs[0], 4, 3, *grad_inputs[1:], 1e-6))
+    kept = x[:, :4].clone().requires_grad_()
+    torch.library.opcheck(
+        ops.pruned_mlp.default, (kept, *(t.clone().requires_grad_() for t in mlp), 1e-6)
+    )
+    torch.library.opcheck(ops.pruned_msa_.default, (x.clone(), 4, 3, *msa, 1e-6))
+    torch.library.opcheck(ops.pruned_mlp_.default, (x.clone(), *mlp, 1e-6))
+    out, attn, q, kv, context = ops.pruned_msa(x, 4, 3, *msa, 1e-6)
+    for grad_attn in (None, torch.randn_like(attn)):
+        torch.library.opcheck(
+            ops.pruned_msa_backward.default,
+            (torch.randn_like(out), grad_attn, x, 4, 3, *msa, 1e-6, attn, q, kv, context),
+        )
+    _, pre = ops.pruned_mlp(x, *mlp, 1e-6)
+    torch.library.opcheck(
+        ops.pruned_mlp_backward.default, (torch.randn_like(x), x, *mlp, 1e-6, pre)
+    )
+
+
+def test_in_place_ops_touch_only_the_prefix():
+    x, msa, mlp = _block_inputs(torch.float32)
+    updated = x.clone()
+    torch.ops.patchslim.pruned_msa_(updated, 3, 3, *msa, 1e-6)
+    torch.ops.patchslim.pruned_mlp_(updated[:, :3], *mlp, 1e-6)
+    want = pruned_mlp(pruned_msa(x, 3, 3, *msa)[0], *mlp)
+    torch.testing.assert_close(updated[:, :3], want)
+    assert torch.equal(updated[:, 3:], x[:, 3:])
+
+
+@pytest.mark.parametrize(
+    ("call", "message"),
+    [
+        (lambda x, a, m: pruned_msa(x, 0, 3, *a), r"n_keep must be in \[1, N=7\], got 0"),
+        (lambda x, a, m: pruned_msa(x, 8, 3, *a), r"n_keep must be in \[1, N=7\], got 8"),
+        (lambda x, a, m: pruned_msa(x, 2, 5, *a), "C=12 must be divisible by num_heads=5"),
+        (lambda x, a, m: pruned_msa(x[0], 2, 3, *a), r"x must have shape \(B, N, C\)"),
+        (
+            lambda x, a, m: pruned_msa(x, 2, 3, a[0], a[1], a[2][:30], *a[3:]),
+            r"qkv_weight must have shape \(3C, C\)",
+        ),
+        (
+            lambda x, a, m: pruned_msa(x, 2, 3, *a[:5], a[5].float()),
+            "proj_bias must have x's dtype",
+        ),
+        (
+            lambda x, a, m: pruned_msa(x.half(), 2, 3, *(t.half() for t in a)),
+            "CPU supports float32 and float64",
+        ),
+        (
+            lambda x, a, m: pruned_mlp(x, m[0], m[1], m[2], m[3][:3], m[4], m[5]),
+            r"fc1_bias must have shape \(D,\)",
+        ),
+        (
+            lambda x, a, m: pruned_mlp(x, m[0], m[1], m[2], m[3], m[4].T, m[5]),
+            r"fc2_weight must have shape \(C, D\)",
+        ),
+    ],
+)
+def test_bad_inputs_name_the_argument(call, message):
+    x, msa, mlp = _block_inputs()
+    with pytest.raises(RuntimeError, match=message):
+        call(x, msa, mlp)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    batch=st.integers(0, 2),
+    tokens=st.integers(1, 6),
+    heads=st.integers(1, 4),
+    head_dim=st.integers(1, 5),
+    n_keep=st.integers(-1, 7),
+    dtype=st.sampled_from([torch.float32, torch.float64, torch.int64]),
+    bad_weight=st.booleans(),
+    strided=st.booleans(),
+)
+def test_fuzz_block_ops_never_crash(
+    batch, tokens, heads, head_dim, n_keep, dtype, bad_weight, strided
+):
+    channels = heads * head_dim
+    x = (
+        torch.randn(batch, tokens, 2 * channels)[..., ::2]
+        if strided
+        else torch.randn(batch, tokens, channels)
+    )
+    x = x.to(dtype)
+    msa = [
+        torch.randn(channels),
+        torch.randn(channels),
+        torch.randn(3 * channels + bad_weight, channels),
+        torch.randn(3 * channels),
+        torch.randn(channels, channels),
+        torch.randn(channels),
+    ]
+    msa = [t.to(dtype) for t in msa]
+    valid = 1 <= n_keep <= tokens and not bad_weight and dtype != torch.int64
+    if not valid:
+        with pytest.raises(RuntimeError):
+            torch.ops.patchslim.pruned_msa(x, n_keep, heads, *msa, 1e-6)
+        return
+    out, attn, *_ = torch.ops.patchslim.pruned_msa(x, n_keep, heads, *msa, 1e-6)
+    assert out.shape == (batch, n_keep, channels) and attn.shape == (batch, heads, n_keep, tokens)
+    assert torch.isfinite(out).all()
+
+
+def _msa_variants(msa, channels, heads):
+    """(name, params, scale): timm's block, no qkv bias, T2T-ViT's embed_dim**-0.5 scale."""
+    no_bias = [*msa[:3], None, *msa[4:]]
+    return [
+        ("default", msa, None),
+        ("no_qkv_bias", no_bias, None),
+        ("custom_scale", msa, channels**-0.5),
+        ("no_bias_custom_scale", no_bias, 0.37),
+    ]
+
+
+@pytest.mark.parametrize("device", cpu_and_cuda())
+@pytest.mark.parametrize("n_keep", [1, 4, 7])
+def test_msa_bias_and_scale_match_the_reference(device, n_keep):
+    x, msa, _ = _block_inputs(torch.float64, device, seed=n_keep)
+    for name, params, scale in _msa_variants(msa, x.shape[-1], 3):
+        got = torch.ops.patchslim.pruned_msa(x, n_keep, 3, *params, EPS, scale)
+        want = _pruned_msa_reference(x, n_keep, 3, *params, EPS, scale)
+        for g, w in zip(got, want, strict=True):
+            torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-12, msg=name)
+        updated = x.clone()
+        torch.ops.patchslim.pruned_msa_(updated, n_keep, 3, *params, EPS, scale)
+        torch.testing.assert_close(updated[:, :n_keep], want[0], rtol=1e-10, atol=1e-12, msg=name)
+
+
+def test_msa_without_bias_equals_a_zero_bias():
+    x, msa, _ = _block_inputs(torch.float64)
+    assert torch.equal(
+        pruned_msa(x, 4, 3, *msa[:3], None, *msa[4:])[0],
+        pruned_msa(x, 4, 3, *msa[:3], torch.zeros_like(msa[3]), *msa[4:])[0],
+    )
+
+
+@pytest.mark.parametrize("n_keep", [1, 4])
+def test_gradcheck_msa_without_bias_and_custom_scale(n_keep):
+    x, msa, _ = _block_inputs(seed=10 + n_keep)
+    for name, params, scale in _msa_variants(msa, x.shape[-1], 3)[1:]:
+        inputs = [t.clone().requires_grad_() for t in (x, *params) if t is not None]
+        bias_index = next((i for i, t in enumerate(params) if t is None), None)
+
+        def call(x, *p, bias_index=bias_index, scale=scale):
+            p = list(p)
+            if bias_index is not None:
+                p.insert(bias_index, None)
+            return pruned_msa(x, n_keep, 3, *p, EPS, scale)
+
+        assert torch.autograd.gradcheck(call, inputs), name
+
+
+def test_msa_without_bias_has_no_bias_gradient():
+    x, msa, _ = _block_inputs()
+    params = [t.clone().requires_grad_() for t in msa]
+    params[3] = None
+    x.requires_grad_()
+    out, attn = pruned_msa(x, 4, 3, *params)
+    (out.sum() + attn.square().sum()).backward()
+    assert x.grad is not None and all(p.grad is not None for p in params if p is not None)
+
+
+@pytest.mark.parametrize("device", cpu_and_cuda())
+def test_opcheck_msa_without_bias_and_custom_scale(device):
+    dtype = torch.float64 if device == "cpu" else torch.float32
+    x, msa, _ = _block_inputs(dtype, device)
+    ops = torch.ops.patchslim
+    for _, params, scale in _msa_variants(msa, x.shape[-1], 3)[1:]:
+        grad_params = [None if t is None else t.clone().requires_grad_() for t in params]
+        grad_x = x.clone().requires_grad_()
+        torch.library.opcheck(ops.pruned_msa.default, (grad_x, 4, 3, *grad_params, EPS, scale))
+        torch.library.opcheck(ops.pruned_msa_.default, (x.clone(), 4, 3, *params, EPS, scale))
+        out, attn, q, kv, context = ops.pruned_msa(x, 4, 3, *params, EPS, scale)
+        torch.library.opcheck(
+            ops.pruned_msa_backward.default,
+            (
+                torch.randn_like(out),
+                torch.randn_like(attn),
+                x,
+                4,
+                3,
+                *params,
+                EPS,
+                attn,
+                q,
+                kv,
+                context,
+                scale,
+            ),
+        )
