@@ -4,13 +4,16 @@ come from patchslim_ext.benchmark)."""
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from torch.utils import benchmark
 
-RESULTS = Path(__file__).parent / "results"
+# PATCHSLIM_BENCH_RESULTS redirects the result files (scripts/gpu_check.sh collects them
+# elsewhere, so that a trial run leaves the committed results alone).
+RESULTS = Path(os.environ.get("PATCHSLIM_BENCH_RESULTS") or Path(__file__).parent / "results")
 
 
 def median_seconds(fn: Callable[[], Any], min_run_time: float) -> float:
