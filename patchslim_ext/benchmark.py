@@ -2,7 +2,7 @@
 
 ``patchslim bench`` and ``bench/bench_models.py`` call :func:`compare`. Each row times,
 in one run and under ``torch.no_grad()``: the dense model, the slimmed model through
-our ops (:class:`~patchslim_ext.PrunedViT`) and the same slimmed maths composed from
+our ops (the model with its plan set) and the same slimmed maths composed from
 plain torch ops (:func:`torch_slimmed_forward`). Timing: warm-up calls, then at least
 ``repeats`` timed calls whose inputs rotate over several batches (so that no cache
 holds the one input), CUDA events on the current stream or ``perf_counter`` on the CPU,
@@ -11,6 +11,7 @@ median reported. Clocks are left as they are.
 
 from __future__ import annotations
 
+import copy
 import platform
 import statistics
 import time
@@ -28,7 +29,6 @@ from patchslim_ext import _C
 from patchslim_ext.flops import count_flops, flops_of
 from patchslim_ext.ops import cpu_isa
 from patchslim_ext.plan import SlimPlan
-from patchslim_ext.pruned import PrunedViT
 from patchslim_ext.vit import MODEL_FACTORIES, Block, VisionTransformer, ViTConfig
 
 # FLOP reductions of the paper's PS-ViT models (Table 1 and 2).
@@ -36,6 +36,7 @@ PAPER_FLOP_REDUCTION = {
     "deit_tiny_patch16_224": 0.462,
     "deit_small_patch16_224": 0.436,
     "deit_base_patch16_224": 0.443,
+    "t2t_vit_14": 0.404,
 }
 _ROTATING_BATCHES = 3
 
@@ -43,19 +44,20 @@ _ROTATING_BATCHES = 3
 def pyramid_plan(config: ViTConfig, flop_reduction: float) -> SlimPlan:
     """A pyramid plan (more tokens kept early) removing ``flop_reduction`` of the FLOPs.
 
-    Block l < L keeps ``round(N · (1 − (l/(L−1))^γ))`` tokens (at least 1), the last
-    block the class token only; γ is found by bisection so that the FLOP reduction is
-    as close to the target as integer counts allow. The token order is the identity
-    (for timing, which tokens are kept does not matter).
+    Block l < L keeps ``round(N · (1 − (l/(L−1))^γ))`` tokens (at least the prefix
+    tokens), the last block the tokens the head reads; γ is found by bisection so that
+    the FLOP reduction is as close to the target as integer counts allow. The token
+    order is the identity (for timing, which tokens are kept does not matter).
     """
     tokens, depth = config.num_tokens, config.depth
+    prefix, last = config.num_prefix_tokens, [config.num_head_tokens]
     dense = flops_of(config)
-    if not 0.0 < flop_reduction < 1.0 - flops_of(config, [1] * depth) / dense:
+    if not 0.0 < flop_reduction < 1.0 - flops_of(config, [prefix] * (depth - 1) + last) / dense:
         raise ValueError(f"flop_reduction {flop_reduction} is out of reach for this model")
 
     def counts(gamma: float) -> list[int]:
         ratios = [1.0 - (b / (depth - 1)) ** gamma for b in range(depth - 1)]
-        return [max(1, round(tokens * ratio)) for ratio in ratios] + [1]
+        return [max(prefix, round(tokens * ratio)) for ratio in ratios] + last
 
     def reduction(gamma: float) -> float:
         return 1.0 - flops_of(config, counts(gamma)) / dense
@@ -68,7 +70,7 @@ def pyramid_plan(config: ViTConfig, flop_reduction: float) -> SlimPlan:
         else:
             high = middle
     best = min((low, high), key=lambda gamma: abs(reduction(gamma) - flop_reduction))
-    return SlimPlan(torch.arange(tokens), counts(best))
+    return SlimPlan(torch.arange(tokens), counts(best), prefix)
 
 
 def split_heads(x: Tensor, heads: int) -> Tensor:
@@ -82,14 +84,17 @@ def torch_pruned_block_rows(block: Block, x: Tensor, n_keep: int) -> Tensor:
     attn, heads = block.attn, block.attn.num_heads
     channels = x.shape[-1]
     normed = F.layer_norm(x, (channels,), block.norm1.weight, block.norm1.bias, block.norm1.eps)
-    q = F.linear(normed[:, :n_keep], attn.qkv.weight[:channels], attn.qkv.bias[:channels])
-    kv = F.linear(normed, attn.qkv.weight[channels:], attn.qkv.bias[channels:])
+    bias = attn.qkv.bias
+    q = F.linear(
+        normed[:, :n_keep], attn.qkv.weight[:channels], None if bias is None else bias[:channels]
+    )
+    kv = F.linear(normed, attn.qkv.weight[channels:], None if bias is None else bias[channels:])
     k, v = kv.chunk(2, dim=-1)
     context = F.scaled_dot_product_attention(
-        split_heads(q, heads), split_heads(k, heads), split_heads(v, heads)
+        split_heads(q, heads), split_heads(k, heads), split_heads(v, heads), scale=attn.scale
     )
-    kept = x[:, :n_keep] + attn.proj(context.transpose(1, 2).flatten(2))
-    return kept + block.mlp(block.norm2(kept))
+    kept = x[:, :n_keep] + block.ls1(attn.proj(context.transpose(1, 2).flatten(2)))
+    return kept + block.ls2(block.mlp(block.norm2(kept)))
 
 
 def torch_slimmed_forward(model: VisionTransformer, plan: SlimPlan, images: Tensor) -> Tensor:
@@ -97,7 +102,7 @@ def torch_slimmed_forward(model: VisionTransformer, plan: SlimPlan, images: Tens
     x = model.embed(images)[:, plan.token_order.to(images.device)]
     for block, n_keep in zip(model.blocks, plan.keep_counts, strict=True):
         x[:, :n_keep] = torch_pruned_block_rows(block, x, n_keep)
-    return model.forward_head(x)
+    return model.forward_head(model.norm(x[:, : model.config.num_head_tokens]))
 
 
 def median_forward_seconds(
@@ -232,14 +237,14 @@ def compare(
     repeats: int = 30,
     cuda_graphs: bool = False,
 ) -> BenchRow:
-    """Time the dense model, :class:`PrunedViT` and :func:`torch_slimmed_forward` on
-    random images (B, in_chans, H, W); FLOPs counted by fvcore at batch 1."""
+    """Time the dense model, the model with ``plan`` set and :func:`torch_slimmed_forward`
+    on random images (B, in_chans, H, W); FLOPs counted by fvcore at batch 1."""
     device = torch.device(device)
     if cuda_graphs and device.type != "cuda":
         raise ValueError("cuda_graphs needs a CUDA device")
     config = model.config
     model = model.to(device, dtype).eval()
-    slimmed = PrunedViT(model, plan).eval()
+    slimmed = copy.deepcopy(model).set_plan(plan)
     generator = torch.Generator().manual_seed(0)
     shape = (batch, config.in_chans, config.img_size, config.img_size)
     batches = [

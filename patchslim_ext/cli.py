@@ -23,17 +23,17 @@ from patchslim_ext import _C
 from patchslim_ext.benchmark import (
     PAPER_FLOP_REDUCTION,
     TABLE_HEADERS,
+    compare,
     describe_machine,
     markdown_table,
     run_benchmarks,
     table_row,
 )
-from patchslim_ext.checkpoint import CheckpointError, load_checkpoint, save_model
+from patchslim_ext.checkpoint import load_model, save_model
 from patchslim_ext.data import DIGITS, DIGITS_SPLITS, load_dataset
 from patchslim_ext.demo import DemoSettings, format_demo, run_demo
 from patchslim_ext.flops import block_flops, flop_analysis, flops_of
 from patchslim_ext.ops import cpu_isa
-from patchslim_ext.pruned import PrunedViT
 from patchslim_ext.scoring import SCORE_METHODS
 from patchslim_ext.slimming import SCHEDULES, slim
 from patchslim_ext.training import (
@@ -46,6 +46,7 @@ from patchslim_ext.training import (
     train,
 )
 from patchslim_ext.vit import MODEL_FACTORIES, VisionTransformer
+from patchslim_ext.weights import CheckpointError
 
 DEFAULT_MODEL = "digits_vit"
 # Dense baselines of the paper's Table 1, which prints them rounded to 0.1 GFLOPs.
@@ -53,6 +54,7 @@ PAPER_GFLOPS = {
     "deit_tiny_patch16_224": 1.3,
     "deit_small_patch16_224": 4.6,
     "deit_base_patch16_224": 17.6,
+    "t2t_vit_14": 5.2,
 }
 
 
@@ -65,17 +67,14 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(message)
 
 
-def _build_model(args: argparse.Namespace) -> tuple[str, VisionTransformer | PrunedViT]:
+def _build_model(args: argparse.Namespace) -> tuple[str, VisionTransformer]:
     if args.checkpoint is not None:
-        try:
-            return str(args.checkpoint), load_checkpoint(args.checkpoint)
-        except (FileNotFoundError, CheckpointError) as error:
-            raise UsageError(str(error)) from None
+        return str(args.checkpoint), _load(args.checkpoint, "--checkpoint", args.num_heads)
     torch.manual_seed(getattr(args, "seed", 0))
     return args.model, MODEL_FACTORIES[args.model]()
 
 
-def _dataset(source: str, split: str, model: VisionTransformer | PrunedViT) -> Any:
+def _dataset(source: str, split: str, model: VisionTransformer) -> Any:
     config = model.config
     try:
         return load_dataset(source, split, config.img_size, config.in_chans)
@@ -83,7 +82,7 @@ def _dataset(source: str, split: str, model: VisionTransformer | PrunedViT) -> A
         raise UsageError(f"--data {source}: {error}") from None
 
 
-def _eval_dataset(args: argparse.Namespace, model: VisionTransformer | PrunedViT) -> Any:
+def _eval_dataset(args: argparse.Namespace, model: VisionTransformer) -> Any:
     """The held-out set: the digits' test split, or ``--eval-data`` for image folders."""
     if args.eval_data is not None:
         return _dataset(args.eval_data, "test", model)
@@ -138,7 +137,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 def _save_trained(
     args: argparse.Namespace,
-    model: VisionTransformer | PrunedViT,
+    model: VisionTransformer,
     held_out: Any,
     logs: Sequence[EpochLog],
     headline: str,
@@ -160,22 +159,16 @@ def _save_trained(
     _report(args, summary, lines)
 
 
-def _keep_counts(model: VisionTransformer | PrunedViT) -> list[int]:
-    if isinstance(model, PrunedViT):
-        return list(model.plan.keep_counts)
-    return [model.config.num_tokens] * model.config.depth
-
-
 def _dense_model(args: argparse.Namespace) -> tuple[str, VisionTransformer]:
     name, model = _build_model(args)
-    if isinstance(model, PrunedViT):
+    if model.plan is not None:
         raise UsageError(f"{name} is already slimmed; give the dense model")
     return name, model
 
 
-def _load(path: Path, role: str) -> VisionTransformer | PrunedViT:
+def _load(path: Path, role: str, num_heads: int | None = None) -> VisionTransformer:
     try:
-        return load_checkpoint(path)
+        return load_model(path, num_heads=num_heads)
     except (FileNotFoundError, CheckpointError) as error:
         raise UsageError(f"{role}: {error}") from None
 
@@ -232,9 +225,9 @@ def _cmd_slim(args: argparse.Namespace) -> int:
 
 def _cmd_finetune(args: argparse.Namespace) -> int:
     init_distributed()
-    slimmed = _load(args.checkpoint, "--checkpoint")
-    teacher = _load(args.teacher, "--teacher")
-    if isinstance(teacher, PrunedViT):
+    slimmed = _load(args.checkpoint, "--checkpoint", args.num_heads)
+    teacher = _load(args.teacher, "--teacher", args.num_heads)
+    if teacher.plan is not None:
         raise UsageError("--teacher must be the dense model")
     if teacher.config != slimmed.config:
         raise UsageError("--teacher and --checkpoint have different architectures")
@@ -256,13 +249,13 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
 
 def _cmd_eval(args: argparse.Namespace) -> int:
     init_distributed()
-    model = _load(args.checkpoint, "--checkpoint")
+    model = _load(args.checkpoint, "--checkpoint", args.num_heads)
     if args.data == DIGITS:
         data = _dataset(DIGITS, args.split, model)
     else:
         data = _dataset(args.data, "test", model)
     accuracy = evaluate(model, data, batch_size=args.batch_size, progress=not args.json)
-    keep_counts = _keep_counts(model)
+    keep_counts = model.keep_counts
     summary = {
         "checkpoint": str(args.checkpoint),
         **accuracy,
@@ -282,15 +275,30 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UsageError("--device cuda: CUDA is not available here")
-    rows = run_benchmarks(
-        args.models,
-        batches=args.batch,
-        dtype=getattr(torch, args.dtype),
-        device=device,
-        repeats=args.repeats,
-        cuda_graphs=args.cuda_graphs,
-        progress=not args.json,
-    )
+    timing = {
+        "dtype": getattr(torch, args.dtype),
+        "device": device,
+        "repeats": args.repeats,
+    }
+    if args.checkpoint is None:
+        rows = run_benchmarks(
+            args.models,
+            batches=args.batch,
+            cuda_graphs=args.cuda_graphs,
+            progress=not args.json,
+            **timing,
+        )
+    else:
+        model = _load(args.checkpoint, "--checkpoint", args.num_heads)
+        plan = model.plan
+        if plan is None:
+            raise UsageError(f"--checkpoint {args.checkpoint} is not slimmed (patchslim slim)")
+        model.set_plan(None)
+        jobs = [(batch, False) for batch in args.batch] + [(1, True)] * args.cuda_graphs
+        rows = [
+            compare(str(args.checkpoint), model, plan, batch=batch, cuda_graphs=graphs, **timing)
+            for batch, graphs in jobs
+        ]
     records = [row.to_dict() for row in rows]
     table = markdown_table(TABLE_HEADERS, [table_row(row) for row in rows])
     if args.out is not None:
@@ -326,9 +334,9 @@ def _progress_line(args: argparse.Namespace, log: EpochLog) -> None:
         )
 
 
-def _flops_report(name: str, model: VisionTransformer | PrunedViT) -> dict[str, Any]:
+def _flops_report(name: str, model: VisionTransformer) -> dict[str, Any]:
     config = model.config
-    keep_counts = _keep_counts(model)
+    keep_counts = model.keep_counts
     images = torch.zeros(1, config.in_chans, config.img_size, config.img_size)
     # fvcore logs "never called" for modules it cannot see; our report covers all.
     logging.getLogger("fvcore.nn.jit_analysis").setLevel(logging.ERROR)
@@ -336,7 +344,8 @@ def _flops_report(name: str, model: VisionTransformer | PrunedViT) -> dict[str, 
         analysis = flop_analysis(model.eval(), (images,))
         per_module = analysis.by_module()
         total = int(analysis.total())
-    # A PrunedViT calls the block ops itself, so fvcore sees no per-block modules.
+    # A slimmed model's inference runs the block ops in place, outside the block
+    # modules, so fvcore has no per-block figure for it.
     blocks = [
         {
             "block": index + 1,
@@ -437,6 +446,7 @@ def _parser() -> argparse.ArgumentParser:
     source.add_argument(
         "--checkpoint", type=Path, help="a .safetensors or .pth checkpoint instead of --model"
     )
+    _add_num_heads(flops)
     flops.add_argument("--json", action="store_true", help="print a JSON summary on stdout")
     flops.set_defaults(handler=_cmd_flops)
 
@@ -505,6 +515,7 @@ def _parser() -> argparse.ArgumentParser:
         "--checkpoint", type=Path, required=True, help="slimmed checkpoint (from patchslim slim)"
     )
     finetune_cmd.add_argument("--teacher", type=Path, required=True, help="dense checkpoint")
+    _add_num_heads(finetune_cmd)
     _add_data(finetune_cmd)
     _add_loop_arguments(finetune_cmd, epochs=3, lr=1e-4)
     finetune_cmd.add_argument("--distillation", choices=DISTILLATION_MODES, default="soft")
@@ -518,6 +529,7 @@ def _parser() -> argparse.ArgumentParser:
         description="Top-1 accuracy, loss and FLOPs of a dense or slimmed checkpoint.",
     )
     eval_cmd.add_argument("--checkpoint", type=Path, required=True)
+    _add_num_heads(eval_cmd)
     eval_cmd.add_argument(
         "--data", default=DIGITS, help="'digits' or an image folder (default: digits)"
     )
@@ -534,12 +546,21 @@ def _parser() -> argparse.ArgumentParser:
         description="Dense vs slimmed (our ops, and the same maths from plain torch ops) "
         "with plans matching the paper's FLOP reductions; random weights.",
     )
-    bench_cmd.add_argument(
+    bench_source = bench_cmd.add_mutually_exclusive_group()
+    bench_source.add_argument(
         "--models",
         nargs="+",
         choices=sorted(PAPER_FLOP_REDUCTION),
         default=sorted(PAPER_FLOP_REDUCTION),
+        help="random-weight models with a pyramid plan at the paper's FLOP reduction "
+        "(default: all)",
     )
+    bench_source.add_argument(
+        "--checkpoint",
+        type=Path,
+        help="a slimmed checkpoint instead: its dense weights vs its own plan",
+    )
+    _add_num_heads(bench_cmd)
     bench_cmd.add_argument("--batch", type=_positive_int, nargs="+", default=[32, 1])
     bench_cmd.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
     bench_cmd.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
@@ -623,7 +644,17 @@ def _add_model_source(parser: argparse.ArgumentParser) -> None:
     source.add_argument(
         "--checkpoint",
         type=Path,
-        help="our .safetensors checkpoint or a timm/DeiT .pth file instead of --model",
+        help="our .safetensors checkpoint or a timm/DeiT/T2T-ViT .pth file instead of --model",
+    )
+    _add_num_heads(parser)
+
+
+def _add_num_heads(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--num-heads",
+        type=_positive_int,
+        help="attention heads of a checkpoint without patchslim metadata (a timm/DeiT/T2T "
+        "state dict; the weights do not show it)",
     )
 
 

@@ -1,4 +1,4 @@
-"""FLOP counts: measured with fvcore, and the analytic formula of DESIGN.md §3.
+"""FLOP counts: measured with fvcore, and the analytic formula of docs/design.md §4.
 
 fvcore's convention holds throughout: one multiply-add is one FLOP, LayerNorm
 costs 5 per element, element-wise ops (residual adds, GELU, softmax) are free.
@@ -6,13 +6,17 @@ costs 5 per element, element-wise ops (residual adds, GELU, softmax) are free.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from typing import Any
 
+import torch
 from fvcore.nn import FlopCountAnalysis
 from fvcore.nn.jit_handles import get_shape
 from torch import nn
 
+from patchslim_ext.plan import check_keep_counts
+from patchslim_ext.t2t import FVCORE_FREE_OPS, TokensToToken
 from patchslim_ext.vit import ViTConfig
 
 # Affine LayerNorm: mean, variance, normalise, scale, shift (fvcore's figure).
@@ -84,29 +88,13 @@ def flop_analysis(model: nn.Module, inputs: Any) -> FlopCountAnalysis:
     # which fvcore would report as "never called".
     analysis.uncalled_modules_warnings(False)
     analysis.set_op_handle(**OP_HANDLES)
-    analysis.set_op_handle(**dict.fromkeys(_FREE_OPS))
+    analysis.set_op_handle(**dict.fromkeys(_FREE_OPS + FVCORE_FREE_OPS))
     return analysis
 
 
 def count_flops(model: nn.Module, inputs: Any) -> int:
     """Total FLOPs of ``model(*inputs)`` (or ``model(inputs)``) counted by fvcore."""
     return int(flop_analysis(model, inputs).total())
-
-
-def _check_keep_counts(config: ViTConfig, keep_counts: Sequence[int]) -> list[int]:
-    counts = [int(n) for n in keep_counts]
-    if len(counts) != config.depth:
-        raise ValueError(f"keep_counts must have depth={config.depth} entries, got {len(counts)}")
-    for block, n in enumerate(counts):
-        if not 1 <= n <= config.num_tokens:
-            raise ValueError(f"keep_counts[{block}] must be in [1, N={config.num_tokens}], got {n}")
-    for block in range(1, len(counts)):
-        if counts[block] > counts[block - 1]:
-            raise ValueError(
-                f"keep_counts must be non-increasing (nested masks), but block {block} keeps "
-                f"{counts[block]} > {counts[block - 1]}"
-            )
-    return counts
 
 
 def block_flops(config: ViTConfig, n_keep: int) -> int:
@@ -120,19 +108,39 @@ def block_flops(config: ViTConfig, n_keep: int) -> int:
     )
 
 
+@functools.cache
+def _t2t_flops(embed: str, img_size: int, in_chans: int, embed_dim: int) -> int:
+    # The tokens-to-token module runs dense; its FLOPs are fvcore's count of it (its
+    # performer layers mix einsum, exp and norms, which a formula would only restate).
+    module = TokensToToken(img_size, embed.removeprefix("t2t_"), in_chans, embed_dim)
+    images = torch.zeros(1, in_chans, img_size, img_size)
+    with torch.no_grad():
+        return count_flops(module.eval(), (images,))
+
+
+def embed_flops(config: ViTConfig) -> int:
+    """FLOPs of the patch (or tokens-to-token) embedding, one image."""
+    if config.embed == "patch":
+        return config.num_patches * config.embed_dim * config.in_chans * config.patch_size**2
+    return _t2t_flops(config.embed, config.img_size, config.in_chans, config.embed_dim)
+
+
 def flops_of(
     config: ViTConfig, keep_counts: Sequence[int] | None = None, batch_size: int = 1
 ) -> int:
     """Analytic FLOPs of a ViT whose block l updates ``keep_counts[l]`` tokens.
 
     ``keep_counts=None`` is the dense model. Agrees exactly with :func:`count_flops`.
+    The head normalises and classifies only the tokens it reads (one, or two for a
+    distilled model).
     """
     counts = (
         [config.num_tokens] * config.depth
         if keep_counts is None
-        else _check_keep_counts(config, keep_counts)
+        else check_keep_counts(keep_counts, config.num_tokens, config.depth)
     )
-    patch_embed = config.num_patches * config.embed_dim * config.in_chans * config.patch_size**2
     blocks = sum(block_flops(config, n) for n in counts)
-    head = LAYER_NORM_FLOPS_PER_ELEMENT * config.embed_dim + config.embed_dim * config.num_classes
-    return batch_size * (patch_embed + blocks + head)
+    head = config.num_head_tokens * (
+        LAYER_NORM_FLOPS_PER_ELEMENT * config.embed_dim + config.embed_dim * config.num_classes
+    )
+    return batch_size * (embed_flops(config) + blocks + head)

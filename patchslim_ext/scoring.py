@@ -2,7 +2,7 @@
 
 For block t with kept counts ``n_{t+1} >= ... >= n_L`` above it, the exact score of
 token i is ``s_{t,i} = S_t[i, i] · Σ_h ‖(P_t^h |Z_{t-1}|)[i, :]‖²`` where ``S_L = I`` and
-``S_{l-1} = Σ_h P_l^h[:n_l]ᵀ S_l[:n_l, :n_l] P_l^h[:n_l]`` (DESIGN.md §4): Eq. 13's sum
+``S_{l-1} = Σ_h P_l^h[:n_l]ᵀ S_l[:n_l, :n_l] P_l^h[:n_l]`` (docs/design.md §5): Eq. 13's sum
 over all H^(L-t) head paths, without enumerating them.
 
 The chain is walked from the top. While its rank is small the state is a factor F

@@ -34,17 +34,18 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from safetensors.torch import load_file, save_file
-from torch import Tensor
+from torch import Tensor, nn
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
 from patchslim_ext.data import take_images
 from patchslim_ext.flops import flops_of
-from patchslim_ext.plan import SlimPlan
-from patchslim_ext.pruned import PrunedViT, pruned_block
+from patchslim_ext.plan import SlimPlan, check_keep_counts
+from patchslim_ext.pruning import pruned_block
 from patchslim_ext.scoring import SCORE_METHODS, ScoreAccumulator
+from patchslim_ext.timm_models import prunable
 from patchslim_ext.training import all_reduce_sum, process_group
-from patchslim_ext.vit import VisionTransformer, ViTConfig
+from patchslim_ext.vit import ViTConfig
 
 SCHEDULES = ("tolerance", "uniform", "fixed")
 STATE_FILE = "state.json"
@@ -65,11 +66,12 @@ class BlockLog:
 
 @dataclass
 class SlimResult:
-    """The plan, the slimmed model (tuned weights; shares nothing with the input model)
-    and the per-block log, deepest block first."""
+    """The plan, the slimmed model (a copy of the input model, of its class, with tuned
+    weights and the plan set; it shares nothing with the input model) and the per-block
+    log, deepest block first."""
 
     plan: SlimPlan
-    model: PrunedViT
+    model: nn.Module
     log: list[BlockLog]
 
     @property
@@ -93,21 +95,29 @@ class _State:
     def counts(self, config: ViTConfig) -> list[int]:
         return [self.keep_counts.get(b, config.num_tokens) for b in range(config.depth)]
 
+    def plan(self, config: ViTConfig) -> SlimPlan:
+        """The blocks done so far slimmed, the others dense."""
+        return SlimPlan(
+            self.token_order(config.num_tokens), self.counts(config), config.num_prefix_tokens
+        )
+
 
 def uniform_keep_counts(config: ViTConfig, flops_ratio: float) -> list[int]:
-    """Keep counts with the same n in every block but the last (which keeps the class
-    token only), n the smallest count whose FLOPs reach ``flops_ratio`` × dense."""
+    """Keep counts with the same n in every block but the last (which keeps the tokens
+    the head reads), n the smallest count (at least the prefix tokens) whose FLOPs reach
+    ``flops_ratio`` × dense."""
     if not 0.0 < flops_ratio <= 1.0:
         raise ValueError(f"flops_ratio must be in (0, 1], got {flops_ratio}")
     target = flops_ratio * flops_of(config)
-    for n in range(1, config.num_tokens + 1):
-        counts = [n] * (config.depth - 1) + [1]
+    last = [config.num_head_tokens]
+    for n in range(config.num_prefix_tokens, config.num_tokens + 1):
+        counts = [n] * (config.depth - 1) + last
         if flops_of(config, counts) >= target:
             return counts
-    return [config.num_tokens] * (config.depth - 1) + [1]
+    return [config.num_tokens] * (config.depth - 1) + last
 
 
-def _fingerprint(model: VisionTransformer, settings: dict) -> str:
+def _fingerprint(model: nn.Module, settings: dict) -> str:
     digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode())
     for name, tensor in sorted(model.state_dict().items()):
         digest.update(name.encode())
@@ -125,7 +135,7 @@ class _RunDirectory:
         self.path = Path(path)
         self.fingerprint = fingerprint
 
-    def load(self, student: VisionTransformer) -> _State | None:
+    def load(self, student: nn.Module) -> _State | None:
         state_path = self.path / STATE_FILE
         if not state_path.is_file():
             return None
@@ -150,7 +160,7 @@ class _RunDirectory:
         except ValueError as error:
             raise ValueError(f"cannot resume from {self.path}: {error}") from None
 
-    def save(self, state: _State, student: VisionTransformer, block: int) -> None:
+    def save(self, state: _State, student: nn.Module, block: int) -> None:
         self.path.mkdir(parents=True, exist_ok=True)
         tuned = {f"blocks.{b}." for b in state.keep_counts}
         weights = {
@@ -184,7 +194,7 @@ def _atomic(path: Path, write: Callable[[Path], object]) -> None:
 
 @torch.no_grad()
 def _dense_features(
-    teacher: VisionTransformer, images: Tensor, block: int, batch_size: int
+    teacher: nn.Module, images: Tensor, block: int, batch_size: int
 ) -> tuple[Tensor, Tensor]:
     """The original model's input of ``block`` and output of ``block + 1`` (0-indexed),
     each (M, N, C) in the original token order."""
@@ -200,7 +210,7 @@ def _dense_features(
 
 @torch.no_grad()
 def _block_scores(
-    student: VisionTransformer,
+    student: nn.Module,
     images: Tensor,
     inputs: Tensor,
     block: int,
@@ -212,13 +222,13 @@ def _block_scores(
     """Scores (N,) of block ``block``'s tokens, original order, from the attention maps
     of the partially slimmed model (blocks above already slimmed)."""
     config = student.config
-    order = torch.tensor(state.token_order(config.num_tokens))
-    counts = state.counts(config)
-    model = PrunedViT(student, SlimPlan(order, counts))
+    plan = state.plan(config)
+    order, counts = plan.token_order, plan.keep_counts
+    student.set_plan(plan)
     accumulator = ScoreAccumulator(config.num_tokens, method, generator=generator)
     wanted = range(block, config.depth)
     for start in range(0, images.shape[0], batch_size):
-        _, attention = model.forward_tokens(images[start : start + batch_size], wanted)
+        _, attention = student.forward_tokens(images[start : start + batch_size], wanted)
         accumulator.update(
             [attention[b] for b in wanted],
             inputs[start : start + batch_size][:, order],
@@ -234,7 +244,7 @@ def _block_scores(
 
 
 def _relative_error(
-    student: VisionTransformer,
+    student: nn.Module,
     block: int,
     inputs: Tensor,
     targets: Tensor,
@@ -242,14 +252,13 @@ def _relative_error(
     batch_size: int,
 ) -> float:
     """E_{block+2} (paper numbering) over all calibration images, all processes."""
-    heads = student.config.num_heads
     sums = torch.zeros(2, dtype=torch.float64)
     with torch.no_grad():
         for start in range(0, inputs.shape[0], batch_size):
-            x, _ = pruned_block(
-                student.blocks[block], inputs[start : start + batch_size], counts[block], heads
+            x = pruned_block(
+                student.blocks[block], inputs[start : start + batch_size], counts[block]
             )
-            x, _ = pruned_block(student.blocks[block + 1], x, counts[block + 1], heads)
+            x = pruned_block(student.blocks[block + 1], x, counts[block + 1])
             target = targets[start : start + batch_size, : counts[block + 1]]
             sums[0] += (x[:, : counts[block + 1]] - target).double().square().sum().item()
             sums[1] += target.double().square().sum().item()
@@ -258,7 +267,7 @@ def _relative_error(
 
 
 def _tune_block(
-    student: VisionTransformer,
+    student: nn.Module,
     block: int,
     inputs: Tensor,
     targets: Tensor,
@@ -274,7 +283,6 @@ def _tune_block(
     if epochs == 0:
         return
     _, world = process_group()
-    heads = student.config.num_heads
     kept_above = counts[block + 1]
     params = list(student.blocks[block].parameters())
     optimizer = torch.optim.Adam(params, lr=lr)
@@ -293,8 +301,8 @@ def _tune_block(
         permutation = torch.randperm(inputs.shape[0], generator=generator)
         for start in range(0, inputs.shape[0], local_batch):
             index = permutation[start : start + local_batch]
-            x, _ = pruned_block(student.blocks[block], inputs[index], counts[block], heads)
-            x, _ = pruned_block(student.blocks[block + 1], x, kept_above, heads)
+            x = pruned_block(student.blocks[block], inputs[index], counts[block])
+            x = pruned_block(student.blocks[block + 1], x, kept_above)
             diff = x[:, :kept_above] - targets[index, :kept_above]
             loss = diff.square().sum() / (norm_per_image * index.numel() * world)
             optimizer.zero_grad(set_to_none=True)
@@ -307,7 +315,7 @@ def _tune_block(
 
 
 def slim(
-    model: VisionTransformer,
+    model: nn.Module,
     calib: Tensor | Dataset,
     *,
     eps: float = 0.01,
@@ -329,7 +337,10 @@ def slim(
     """Algorithm 1: find every block's kept tokens top-down and tune each block.
 
     Args:
-        model: the trained dense model (left unchanged; it is the reconstruction target).
+        model: the trained dense model (left unchanged; it is the reconstruction target):
+            our :class:`~patchslim_ext.vit.VisionTransformer` or a timm ViT instance.
+            Prefix tokens (class, distillation, registers) are kept in every block but
+            the last, which keeps the tokens the head reads.
         calib: calibration images (M, in_chans, H, W), or a dataset of ``(image, label)``
             items from which ``calib_size`` images are drawn (seeded).
         eps: tolerance on the relative error E_{l+1} (paper: 0.01–0.02).
@@ -338,7 +349,7 @@ def slim(
             tuning off, leaving the selection alone).
         score: ``"impact"`` (Eq. 13), ``"rollout"``, ``"attn"`` or ``"random"``.
         schedule: ``"tolerance"``, ``"uniform"`` (needs ``flops_ratio``) or ``"fixed"``
-            (needs ``keep_counts``, one per block, the last 1).
+            (needs ``keep_counts``, one per block, the last the head's token count).
         calib_size: images drawn from a dataset ``calib`` (None: all of them).
         score_size: images (of the calibration set) used for the scores (None: all).
         batch_size: global batch of scoring, tuning and error passes.
@@ -349,9 +360,11 @@ def slim(
         on_block_end: called after each block is finished and saved.
 
     Returns:
-        :class:`SlimResult`; ``result.model`` holds copies of the weights, tuned.
+        :class:`SlimResult`; ``result.model`` is a tuned copy of ``model`` with the plan set.
     """
-    config = model.config
+    teacher = prunable(copy.deepcopy(model)).eval().requires_grad_(False)
+    student = prunable(copy.deepcopy(model)).eval().requires_grad_(False)
+    config = teacher.config
     tokens, depth = config.num_tokens, config.depth
     if score not in SCORE_METHODS:
         raise ValueError(f"score must be one of {SCORE_METHODS}, got {score!r}")
@@ -381,8 +394,6 @@ def slim(
     images = images[rank * shard : (rank + 1) * shard].to(next(model.parameters()).device)
     score_images = images if score_size is None else images[: -(-score_size // world)]
 
-    teacher = copy.deepcopy(model).eval().requires_grad_(False)
-    student = copy.deepcopy(model).eval().requires_grad_(False)
     settings = {
         "eps": eps, "r": r, "block_epochs": block_epochs, "score": score,
         "schedule": schedule, "targets": targets_per_block, "calib": list(images.shape),
@@ -390,7 +401,8 @@ def slim(
         "world": world, "config": config.to_dict(),
     }  # fmt: skip
     run = _RunDirectory(run_dir, _fingerprint(model, settings)) if run_dir is not None else None
-    state = (run.load(student) if run is not None else None) or _State([0], {depth - 1: 1}, [])
+    initial = _State(list(range(config.num_prefix_tokens)), {depth - 1: config.num_head_tokens}, [])
+    state = (run.load(student) if run is not None else None) or initial
 
     blocks = tqdm(
         range(depth - 2, -1, -1),
@@ -448,9 +460,9 @@ def slim(
         if on_block_end is not None:
             on_block_end(entry)
 
-    plan = SlimPlan(torch.tensor(state.token_order(tokens)), state.counts(config))
-    student.requires_grad_(True)
-    return SlimResult(plan=plan, model=PrunedViT(student, plan), log=state.log)
+    plan = state.plan(config)
+    student.requires_grad_(True).set_plan(plan)
+    return SlimResult(plan=plan, model=student, log=state.log)
 
 
 def _target_counts(
@@ -469,11 +481,11 @@ def _target_counts(
         return uniform_keep_counts(config, flops_ratio)
     if keep_counts is None or flops_ratio is not None:
         raise ValueError("schedule='fixed' needs keep_counts (and no flops_ratio)")
-    counts = [int(n) for n in keep_counts]
-    SlimPlan(torch.arange(config.num_tokens), counts)  # non-increasing, within [1, N]
-    if len(counts) != config.depth or counts[-1] != 1:
+    counts = list(check_keep_counts(keep_counts, config.num_tokens, config.depth))
+    if counts[-1] != config.num_head_tokens or counts[-2] < config.num_prefix_tokens:
         raise ValueError(
-            f"keep_counts must have one entry per block ({config.depth}) and end with 1 "
-            f"(the last block keeps the class token), got {counts}"
+            f"keep_counts must end with {config.num_head_tokens} (the last block keeps the "
+            f"tokens the head reads) and keep the {config.num_prefix_tokens} prefix tokens "
+            f"before that, got {counts}"
         )
     return counts

@@ -272,7 +272,7 @@ def finetune(
     progress: bool = True,
     on_epoch_end: Callable[[EpochLog], None] | None = None,
 ) -> list[EpochLog]:
-    """Fine-tune a slimmed network (e.g. a :class:`~patchslim_ext.PrunedViT`) with
+    """Fine-tune a slimmed network (a model with its plan set) with
     cross-entropy plus distillation from the dense ``teacher`` (module docstring).
 
     Single process or under ``torchrun`` (DDP); see :func:`train` for the arguments.

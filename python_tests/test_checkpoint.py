@@ -2,21 +2,17 @@
 
 from __future__ import annotations
 
+import json
 import re
 
 import pytest
 import torch
+from safetensors.torch import save_file
 
 import patchslim_ext as ps
-from patchslim_ext.checkpoint import (
-    CheckpointError,
-    config_from_state_dict,
-    load_model,
-    load_state_dict_file,
-    load_state_dict_strict,
-    save_model,
-)
+from patchslim_ext.checkpoint import config_from_state_dict, load_model, save_model
 from patchslim_ext.vit import VisionTransformer, ViTConfig
+from patchslim_ext.weights import CheckpointError, load_state_dict_file, load_state_dict_strict
 
 SMALL = ViTConfig(
     img_size=32, patch_size=8, in_chans=3, num_classes=5, embed_dim=64, depth=2, num_heads=2
@@ -39,9 +35,30 @@ def test_safetensors_round_trip(tmp_path):
     path = tmp_path / "model.safetensors"
     save_model(model, path)
     loaded = load_model(path)
-    assert loaded.config == SMALL  # num_heads=2 comes from the metadata, not the 64 rule
+    assert loaded.config == SMALL  # num_heads=2 comes from the metadata
+    assert loaded.plan is None
     _same_outputs(model, loaded)
     assert not list(tmp_path.glob("*.partial"))
+
+
+def test_a_slimmed_checkpoint_loads_slimmed_unless_asked_for_the_dense_model(tmp_path):
+    model = _model()
+    order = torch.cat([torch.zeros(1, dtype=torch.long), torch.randperm(16) + 1])
+    plan = ps.SlimPlan(order, [12, 1])
+    model.set_plan(plan)
+    path = tmp_path / "slim.safetensors"
+    save_model(model, path)
+    loaded = load_model(path)
+    assert loaded.plan == plan
+    _same_outputs(model, loaded)
+    dense = load_model(path, dense=True)
+    assert dense.plan is None
+    _same_outputs(model.set_plan(None), dense)
+    with pytest.raises(CheckpointError, match="slimmed for 17 tokens"):
+        load_model(path, img_size=64)
+    assert load_model(path, dense=True, img_size=64).config.num_tokens == 65
+    with pytest.raises(CheckpointError, match="records num_heads=2"):
+        load_model(path, num_heads=4)
 
 
 def test_state_dict_round_trip_strict(tmp_path):
@@ -54,11 +71,13 @@ def test_state_dict_round_trip_strict(tmp_path):
 
 
 def test_deit_release_layout(tmp_path):
-    """DeiT's .pth: {"model": timm state dict, ...}; heads inferred as C // 64."""
+    """DeiT's .pth: {"model": timm state dict, ...}; the number of heads is given."""
     model = ps.deit_tiny_patch16_224(num_classes=10, img_size=32)
     path = tmp_path / "deit_tiny.pth"
     torch.save({"model": model.state_dict(), "epoch": 299}, path)
-    loaded = load_model(path)
+    with pytest.raises(CheckpointError, match="number of attention heads is not visible"):
+        load_model(path)
+    loaded = load_model(path, num_heads=3)
     assert loaded.config == model.config
     images = torch.randn(1, 3, 32, 32)
     with torch.no_grad():
@@ -119,18 +138,72 @@ def test_pickled_objects_are_refused(tmp_path):
         load_state_dict_file(path)
 
 
-def test_config_from_state_dict_needs_heads_when_not_multiple_of_64():
-    state = VisionTransformer.from_config(
-        ViTConfig(
-            img_size=28,
-            patch_size=4,
-            in_chans=1,
-            num_classes=10,
-            embed_dim=96,
-            depth=1,
-            num_heads=3,
-        )
-    ).state_dict()
-    with pytest.raises(CheckpointError, match="cannot infer num_heads"):
-        config_from_state_dict(state)
-    assert config_from_state_dict(state, num_heads=3).num_heads == 3
+@pytest.mark.parametrize(
+    "factory",
+    [
+        ps.digits_vit,
+        ps.deit_small_distilled_patch16_224,
+        ps.deit3_small_patch16_224,
+        ps.t2t_vit_14,
+        ps.t2t_vit_t_14,
+    ],
+)
+def test_config_from_state_dict_recovers_every_layout(factory):
+    config = factory().config
+    state = VisionTransformer(config).state_dict()
+    assert config_from_state_dict(state, num_heads=config.num_heads) == config
+    with pytest.raises(CheckpointError, match="num_heads must be a positive int, got True"):
+        config_from_state_dict(state, num_heads=True)
+
+
+def _write_with_metadata(path, model, **changes):
+    metadata = {"format": "patchslim-vit", "config": json.dumps(model.config.to_dict())}
+    metadata.update(changes)
+    save_file(
+        {key: value.contiguous() for key, value in model.state_dict().items()}, path, metadata
+    )
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        # The reported attacks: an absurd depth allocates nothing before it is refused;
+        # a bool is not a number of heads; keep counts must be integers.
+        ({"depth": 10**6}, r"depth must be in \[1, 1024\]"),
+        ({"depth": 3}, "the metadata says depth=3"),
+        ({"num_heads": True}, "num_heads must be an int, got True"),
+        ({"embed_dim": "64"}, "embed_dim must be an int"),
+        ({"mlp_ratio": 2.0}, "blocks.0.mlp.fc1.bias"),
+    ],
+)
+def test_checkpoint_metadata_is_validated_before_loading(tmp_path, changes, message):
+    model = _model()
+    path = tmp_path / "bad.safetensors"
+    config = {**model.config.to_dict(), **changes}
+    _write_with_metadata(path, model, config=json.dumps(config))
+    with pytest.raises(CheckpointError, match=message):
+        load_model(path)
+
+
+@pytest.mark.parametrize(
+    "plan",
+    [
+        '{"token_order": [0, 1], "keep_counts": [2.7, 1]}',
+        '{"token_order": [0, 1], "keep_counts": ["2", 1]}',
+        '{"token_order": "01", "keep_counts": [2, 1]}',
+        "not json",
+        '{"token_order": [0, 1, 2], "keep_counts": [2, 1], "extra": 1}',
+    ],
+)
+def test_bad_plans_in_metadata_are_refused(tmp_path, plan):
+    path = tmp_path / "bad_plan.safetensors"
+    _write_with_metadata(path, _model(), plan=plan)
+    with pytest.raises(CheckpointError, match="invalid plan"):
+        load_model(path)
+
+
+def test_bad_config_json_is_refused_naming_the_file(tmp_path):
+    path = tmp_path / "bad_config.safetensors"
+    _write_with_metadata(path, _model(), config="{not json")
+    with pytest.raises(CheckpointError, match=f"{re.escape(str(path))}: invalid model config"):
+        load_model(path)

@@ -116,7 +116,7 @@ def test_slim_finetune_eval_pipeline(tmp_path):
     summary = json.loads(result.stdout)
     assert summary["keep_counts"][-1] == 1 and summary["slim_flops"] < summary["dense_flops"]
     assert (tmp_path / "slim.safetensors.run" / "state.json").is_file()
-    assert isinstance(ps.load_checkpoint(slimmed), ps.PrunedViT)
+    assert ps.load_model(slimmed).plan is not None
 
     tuned = tmp_path / "tuned.safetensors"
     result = _run(

@@ -13,7 +13,7 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
 def test_bundled_checkpoint_is_the_demo_architecture():
-    model = ps.load_checkpoint(DEMO_CHECKPOINT)
+    model = ps.load_model(DEMO_CHECKPOINT)
     assert isinstance(model, ps.VisionTransformer)
     assert model.config == ps.digits_vit().config
     assert model.config.num_tokens >= 50 and model.config.depth == 12
@@ -33,7 +33,7 @@ def test_digits_split_is_fixed_and_disjoint():
 
 
 def test_bundled_model_classifies_digits():
-    model = ps.load_checkpoint(DEMO_CHECKPOINT)
+    model = ps.load_model(DEMO_CHECKPOINT)
     images, labels = load_digits("test").tensors
     with torch.no_grad():
         accuracy = (model(images[:200]).argmax(-1) == labels[:200]).float().mean().item()

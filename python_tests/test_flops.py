@@ -43,14 +43,41 @@ def test_fvcore_and_analytic_agree_per_block_and_batch():
     assert ps.count_flops(model, (torch.randn(3, 1, 28, 28),)) == analysis.total()
 
 
-def test_handles_count_attention_and_prefix_layer_norm():
+def test_handles_count_attention_and_layer_norms():
     model = ps.digits_vit().eval()
     with torch.no_grad():
         by_op = flop_analysis(model, (torch.randn(1, 1, 28, 28),)).by_operator()
     config = model.config
     n, c = config.num_tokens, config.embed_dim
     assert by_op["scaled_dot_product_attention"] == config.depth * 2 * n * n * c
-    assert by_op["prefix_layer_norm"] == 5 * c  # the class token only
+    # Two per block on every token, and the final one on the class token only.
+    assert by_op["layer_norm"] == config.depth * 2 * 5 * n * c + 5 * c
+
+
+# The T2T-ViT authors' figures: 4.8 GFLOPs with performer token layers (t2t_vit_14), 6.1
+# with transformer ones; the Patch Slimming paper's Table 1 lists 5.2 for T2T-ViT-14.
+T2T_AUTHORS_GFLOPS = {ps.t2t_vit_14: 4.8, ps.t2t_vit_t_14: 6.1}
+
+
+@pytest.mark.parametrize("factory", list(T2T_AUTHORS_GFLOPS), ids=lambda f: f.__name__)
+def test_t2t_vit_14_flops_match_its_authors(factory, caplog):
+    model = factory().eval()
+    with caplog.at_level(logging.WARNING), torch.no_grad():
+        analysis = flop_analysis(model, (torch.randn(1, 3, 224, 224),))
+        total = analysis.total()
+    assert abs(total / 1e9 - T2T_AUTHORS_GFLOPS[factory]) <= 0.02 * T2T_AUTHORS_GFLOPS[factory]
+    assert total == ps.flops_of(model.config)
+    assert not analysis.unsupported_ops(), analysis.unsupported_ops()
+    assert "unsupported" not in caplog.text.lower()
+
+
+@pytest.mark.parametrize(
+    "factory", [ps.deit_small_distilled_patch16_224, ps.deit3_small_patch16_224]
+)
+def test_other_layouts_count_as_the_formula(factory):
+    model = factory(img_size=64).eval()
+    with torch.no_grad():
+        assert ps.count_flops(model, (torch.randn(1, 3, 64, 64),)) == ps.flops_of(model.config)
 
 
 def test_pruned_keep_counts_reduce_flops():

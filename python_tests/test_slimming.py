@@ -190,7 +190,7 @@ def _torchrun(tmp_path: Path, tiny_model, nproc: int) -> dict:
     result = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
     return {
-        "weights": ps.load_checkpoint(out).state_dict(),
+        "weights": ps.load_model(out).state_dict(),
         "plan": json.loads(out.with_suffix(".json").read_text()),
     }
 

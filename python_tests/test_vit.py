@@ -1,4 +1,6 @@
-"""VisionTransformer against a plain-torch reference forward, factories and from_timm."""
+"""VisionTransformer against a plain-torch reference forward, and its factories.
+
+Conversion from real timm models is tested in test_timm.py."""
 
 from __future__ import annotations
 
@@ -8,40 +10,48 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import randomise_parameters
-from torch import nn
 
 import patchslim_ext as ps
-from patchslim_ext.checkpoint import CheckpointError
 from patchslim_ext.vit import VisionTransformer, ViTConfig
 
 
-def reference_forward(state: dict[str, torch.Tensor], config: ViTConfig, images: torch.Tensor):
-    """ViT forward written out with plain torch ops, straight from the paper's Eq. 1."""
+def reference_forward(
+    state: dict[str, torch.Tensor],
+    config: ViTConfig,
+    images: torch.Tensor,
+    patches: torch.Tensor | None = None,
+):
+    """ViT forward written out with plain torch ops, straight from the paper's Eq. 1.
+
+    ``patches`` (B, P, C): the embedded patches, if not a plain patch embedding (T2T).
+    """
     p, dim, heads = config.patch_size, config.embed_dim, config.num_heads
     batch = images.shape[0]
-    # Patches as rows, then a matrix product: the convolution written out.
-    patches = images.unfold(2, p, p).unfold(3, p, p)  # (B, in, g, g, p, p)
-    patches = patches.permute(0, 2, 3, 1, 4, 5).reshape(batch, -1, config.in_chans * p * p)
-    x = patches @ state["patch_embed.proj.weight"].reshape(dim, -1).T
-    x = x + state["patch_embed.proj.bias"]
-    x = torch.cat([state["cls_token"].expand(batch, 1, dim), x], 1) + state["pos_embed"]
+    if patches is None:
+        # Patches as rows, then a matrix product: the convolution written out.
+        rows = images.unfold(2, p, p).unfold(3, p, p)  # (B, in, g, g, p, p)
+        rows = rows.permute(0, 2, 3, 1, 4, 5).reshape(batch, -1, config.in_chans * p * p)
+        patches = rows @ state["patch_embed.proj.weight"].reshape(dim, -1).T
+        patches = patches + state["patch_embed.proj.bias"]
+    x = torch.cat([state["cls_token"].expand(batch, 1, dim), patches], 1) + state["pos_embed"]
 
     def norm(t, prefix):
         mean = t.mean(-1, keepdim=True)
         var = ((t - mean) ** 2).mean(-1, keepdim=True)
-        return (t - mean) / torch.sqrt(var + 1e-6) * state[f"{prefix}.weight"] + state[
+        return (t - mean) / torch.sqrt(var + config.norm_eps) * state[f"{prefix}.weight"] + state[
             f"{prefix}.bias"
         ]
 
     def linear(t, prefix):
-        return t @ state[f"{prefix}.weight"].T + state[f"{prefix}.bias"]
+        return t @ state[f"{prefix}.weight"].T + state.get(f"{prefix}.bias", 0.0)
 
     tokens = x.shape[1]
     for i in range(config.depth):
         b = f"blocks.{i}"
         q, k, v = linear(norm(x, f"{b}.norm1"), f"{b}.attn.qkv").chunk(3, dim=-1)
         q, k, v = (t.reshape(batch, tokens, heads, -1).transpose(1, 2) for t in (q, k, v))
-        attn = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(config.head_dim), dim=-1)
+        scale = 1 / math.sqrt(config.head_dim) if config.attn_scale is None else config.attn_scale
+        attn = torch.softmax(q @ k.transpose(-1, -2) * scale, dim=-1)
         x = x + linear((attn @ v).transpose(1, 2).reshape(batch, tokens, dim), f"{b}.attn.proj")
         hidden = linear(norm(x, f"{b}.norm2"), f"{b}.mlp.fc1")
         hidden = 0.5 * hidden * (1 + torch.erf(hidden / math.sqrt(2)))
@@ -109,6 +119,8 @@ def test_factories_have_deit_shapes():
         # timm's parameter counts for the 1000-class models.
         assert sum(p.numel() for p in model.parameters()) == params
     small = ps.deit_tiny_patch16_224(num_classes=5, img_size=64, patch_size=8, in_chans=1)
+    assert ps.deit_small_distilled_patch16_224().config.num_head_tokens == 2
+    assert ps.deit3_small_patch16_224().pos_embed.shape == (1, 196, 384)
     assert small.config.num_tokens == 65 and small.head.out_features == 5
 
 
@@ -122,95 +134,54 @@ def test_digits_model_has_at_least_50_tokens():
     [
         ({"img_size": 30, "patch_size": 4}, "not a multiple of patch_size"),
         ({"embed_dim": 100, "num_heads": 3}, "not divisible by num_heads"),
-        ({"depth": 0}, "depth must be a positive int"),
+        ({"depth": 0}, r"depth must be in \[1, 1024\], got 0"),
+        ({"depth": 10**6}, r"depth must be in \[1, 1024\], got 1000000"),
+        ({"num_heads": True}, "num_heads must be an int, got True"),
+        ({"depth": 12.0}, "depth must be an int, got 12.0"),
+        ({"embed_dim": "768"}, "embed_dim must be an int"),
+        ({"qkv_bias": 1}, "qkv_bias must be a bool"),
+        ({"mlp_ratio": float("nan")}, "mlp_ratio must be positive and finite"),
+        ({"embed": "conv"}, "embed must be one of"),
+        ({"embed": "t2t_performer", "patch_size": 8}, "reduces images by 16"),
+        ({"distilled": True, "reg_tokens": 2}, "not a known layout"),
     ],
 )
 def test_bad_config(kwargs, message):
     with pytest.raises(ValueError, match=message):
         ViTConfig(**kwargs)
+    with pytest.raises(ValueError, match=message):
+        ViTConfig.from_dict({**ViTConfig().to_dict(), **kwargs})
+
+
+def test_config_from_dict_refuses_unknown_fields_and_non_objects():
+    with pytest.raises(ValueError, match=r"unknown ViTConfig field\(s\): \['heads'\]"):
+        ViTConfig.from_dict({"heads": 3})
+    with pytest.raises(ValueError, match="must be a JSON object"):
+        ViTConfig.from_dict([1, 2])
+
+
+@pytest.mark.parametrize("factory", [ps.t2t_vit_14, ps.t2t_vit_t_14])
+def test_t2t_vit_14_backbone_matches_the_official_numerics(factory):
+    """No qkv bias, logits scaled by 384 ** -0.5, LayerNorm eps 1e-5, sinusoid positions,
+    21.5M trainable parameters (the T2T-ViT paper's figure)."""
+    model = factory(num_classes=7).eval()
+    config = model.config
+    assert (config.embed_dim, config.depth, config.num_heads, config.mlp_ratio) == (384, 14, 6, 3)
+    assert config.num_tokens == 197 and not model.pos_embed.requires_grad
+    trainable = sum(p.numel() for p in factory().parameters() if p.requires_grad)
+    assert round(trainable / 1e6, 1) == 21.5
+    assert not any(key.endswith("attn.qkv.bias") for key in model.state_dict())
+    randomise_parameters(model.blocks, seed=1)
+    images = torch.randn(1, 3, 224, 224)
+    with torch.no_grad():
+        patches = model.tokens_to_token(images)
+        ref = reference_forward(model.state_dict(), config, images, patches)
+        torch.testing.assert_close(model(images), ref, rtol=1e-4, atol=1e-5)
 
 
 def test_wrong_image_size_is_refused():
     with pytest.raises(ValueError, match=r"expected images of size \(28, 28\)"):
         ps.digits_vit()(torch.randn(1, 1, 32, 32))
-
-
-# timm-like modules, duck-typed the way from_timm reads them.
-class _TimmAttention(nn.Module):
-    def __init__(self, dim, heads):
-        super().__init__()
-        self.num_heads = heads
-        self.qkv = nn.Linear(dim, 3 * dim)
-        self.q_norm = nn.Identity()
-        self.proj = nn.Linear(dim, dim)
-
-
-class _TimmBlock(nn.Module):
-    def __init__(self, dim, heads, hidden):
-        super().__init__()
-        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
-        self.attn = _TimmAttention(dim, heads)
-        self.ls1 = nn.Identity()
-        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
-        self.mlp = nn.Module()
-        self.mlp.fc1 = nn.Linear(dim, hidden)
-        self.mlp.act = nn.GELU()
-        self.mlp.fc2 = nn.Linear(hidden, dim)
-
-
-class _TimmViT(nn.Module):
-    def __init__(self, config: ViTConfig):
-        super().__init__()
-        self.num_prefix_tokens = 1
-        self.global_pool = "token"
-        self.patch_embed = nn.Module()
-        self.patch_embed.proj = nn.Conv2d(
-            config.in_chans, config.embed_dim, config.patch_size, config.patch_size
-        )
-        self.cls_token = nn.Parameter(torch.randn(1, 1, config.embed_dim))
-        self.pos_embed = nn.Parameter(torch.randn(1, config.num_tokens, config.embed_dim))
-        self.blocks = nn.Sequential(
-            *(
-                _TimmBlock(config.embed_dim, config.num_heads, config.mlp_hidden)
-                for _ in range(config.depth)
-            )
-        )
-        self.norm = nn.LayerNorm(config.embed_dim, eps=1e-6)
-        self.fc_norm = nn.Identity()
-        self.head = nn.Linear(config.embed_dim, config.num_classes)
-
-
-def test_from_timm_converts_and_matches():
-    config = CONFIGS[1]
-    timm_like = _TimmViT(config)
-    randomise_parameters(timm_like, seed=3)
-    model = ps.from_timm(timm_like)
-    assert model.config == config
-    for key, value in timm_like.state_dict().items():
-        assert torch.equal(model.state_dict()[key], value)
-
-
-def test_from_timm_refuses_what_it_cannot_represent():
-    config = CONFIGS[0]
-    distilled = _TimmViT(config)
-    distilled.dist_token = nn.Parameter(torch.zeros(1, 1, config.embed_dim))
-    with pytest.raises(ValueError, match="dist_token"):
-        ps.from_timm(distilled)
-    pooled = _TimmViT(config)
-    pooled.global_pool = "avg"
-    with pytest.raises(ValueError, match="global_pool='token'"):
-        ps.from_timm(pooled)
-    tanh_gelu = _TimmViT(config)
-    tanh_gelu.blocks[0].mlp.act = nn.GELU(approximate="tanh")
-    with pytest.raises(ValueError, match="exact GELU"):
-        ps.from_timm(tanh_gelu)
-    layer_scale = _TimmViT(config)
-    layer_scale.blocks[1].ls1 = nn.Module()
-    layer_scale.blocks[1].ls1.gamma = nn.Parameter(torch.ones(config.embed_dim))
-    with pytest.raises(CheckpointError, match=r"unexpected key\(s\): blocks.1.ls1.gamma"):
-        ps.from_timm(layer_scale)
-    with pytest.raises(ValueError, match="no attribute 'patch_embed'"):
-        ps.from_timm(nn.Linear(2, 2))
 
 
 def test_backward_through_model():

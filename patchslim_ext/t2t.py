@@ -1,0 +1,312 @@
+"""The Tokens-to-Token (T2T) module of T2T-ViT, in plain PyTorch.
+
+A T2T-ViT replaces ViT's one-shot patch embedding with three overlapping "soft splits"
+(``nn.Unfold``) and two small token layers between them: the image becomes 56×56 tokens
+(7×7 windows, stride 4), a token layer mixes them and shrinks each to ``token_dim``
+channels, the map is re-split into 28×28 tokens of 3×3 neighbourhoods, a second token
+layer mixes those, and a last 3×3 split gives the 14×14 tokens that ``project`` maps to
+``embed_dim`` (Yuan et al., "Tokens-to-Token ViT", ICCV 2021).
+
+Module and parameter names follow the official code (``yitu-opensource/T2T-ViT``,
+``models/t2t_vit.py``, ``token_performer.py``, ``token_transformer.py``), so a model that
+holds :class:`TokensToToken` as ``self.tokens_to_token`` loads the official checkpoints'
+``tokens_to_token.*`` entries with ``strict=True``. In float32 the numerics are the
+official ones; where the official code does something unusual, a comment says so.
+
+This file imports only torch, so it can be used (and tested) on its own.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+
+import torch
+from torch import Tensor, nn
+
+TOKENS_TYPES = ("performer", "transformer")
+
+# (kernel, stride, padding) of soft_split0, soft_split1 and soft_split2.
+SOFT_SPLITS = ((7, 4, 2), (3, 2, 1), (3, 2, 1))
+
+# Ops this module emits that fvcore has no FLOP handle for: the soft splits
+# (aten::im2col, a pure rearrangement) and element-wise ops (the performer's feature
+# map, residual adds, GELU, softmax, the normaliser's division and sum). All are free
+# under fvcore's convention (one multiply-add = one FLOP, element-wise ops uncounted),
+# so declare them with ``analysis.set_op_handle(**dict.fromkeys(FVCORE_FREE_OPS))``.
+FVCORE_FREE_OPS = (
+    "aten::im2col",
+    "aten::add",
+    "aten::sub",
+    "aten::mul",
+    "aten::div",
+    "aten::exp",
+    "aten::sum",
+    "aten::gelu",
+    "aten::softmax",
+)
+
+
+def sinusoid_position_table(num_positions: int, dim: int) -> Tensor:
+    """The fixed sinusoid position table of T2T-ViT (official ``get_sinusoid_encoding``).
+
+    ``table[0, p, j] = sin(p / 10000^(2*(j//2)/dim))`` for even ``j`` and ``cos`` of the
+    same angle for odd ``j``: column pairs (2i, 2i+1) share one frequency. Computed in
+    float64 and rounded to float32, as the official numpy code does.
+
+    Returns:
+        float32 tensor of shape (1, num_positions, dim).
+    """
+    if num_positions < 1 or dim < 1:
+        raise ValueError(f"num_positions and dim must be positive, got {num_positions}, {dim}")
+    position = torch.arange(num_positions, dtype=torch.float64).unsqueeze(1)  # (N, 1)
+    pair = torch.div(torch.arange(dim), 2, rounding_mode="floor").to(torch.float64)  # (dim,)
+    angle = position / torch.pow(10000.0, 2.0 * pair / dim)  # (N, dim)
+    table = torch.where(torch.arange(dim) % 2 == 0, torch.sin(angle), torch.cos(angle))
+    return table.to(torch.float32).unsqueeze(0)
+
+
+def _split_size(size: int, kernel: int, stride: int, padding: int) -> int:
+    return (size + 2 * padding - kernel) // stride + 1
+
+
+def _no_autocast(device: torch.device) -> contextlib.AbstractContextManager[None]:
+    if torch.amp.is_autocast_available(device.type):
+        return torch.autocast(device_type=device.type, enabled=False)
+    return contextlib.nullcontext()
+
+
+class TokenPerformer(nn.Module):
+    """Performer token layer (official ``Token_performer``, one head).
+
+    Linear attention with positive random features of the softmax kernel, then an MLP::
+
+        k, q, v = split(kqv(norm1(x)))                      # official order: k, q, v
+        phi(u)  = exp(w·u - |u|²/2) / sqrt(m)               # (T, m) random features
+        y       = v + proj(phi(q) (phi(k)ᵀ v) / (phi(q) Σ_t phi(k)_t + epsilon))
+        out     = y + mlp(norm2(y))
+
+    Args:
+        dim: input channels (in_chans·7·7 or token_dim·3·3).
+        in_dim: output channels ``emb`` (token_dim).
+        kernel_ratio: m = int(in_dim · kernel_ratio) random features.
+        dp1, dp2: dropout after ``proj`` and at the end of ``mlp`` (official 0.1; the
+            official T2T module keeps these defaults, so they act in training).
+
+    Shapes: (B, T, dim) -> (B, T, in_dim).
+    """
+
+    def __init__(
+        self, dim: int, in_dim: int, kernel_ratio: float = 0.5, dp1: float = 0.1, dp2: float = 0.1
+    ) -> None:
+        super().__init__()
+        self.emb = in_dim
+        self.kqv = nn.Linear(dim, 3 * self.emb)
+        self.dp = nn.Dropout(dp1)
+        self.proj = nn.Linear(self.emb, self.emb)
+        self.norm1 = nn.LayerNorm(dim)  # official: nn.LayerNorm default, eps 1e-5
+        self.norm2 = nn.LayerNorm(self.emb)
+        self.epsilon = 1e-8  # official: keeps the normaliser's division finite
+        # A Sequential, as in the official code: its keys are mlp.0.* and mlp.2.*.
+        self.mlp = nn.Sequential(
+            nn.Linear(self.emb, self.emb),
+            nn.GELU(),  # exact (erf) GELU
+            nn.Linear(self.emb, self.emb),
+            nn.Dropout(dp2),
+        )
+        self.m = int(self.emb * kernel_ratio)
+        # A fixed random projection that is nonetheless a Parameter (requires_grad=False),
+        # as in the official code: it is saved in checkpoints as `w` and must load from
+        # them, since outputs depend on the particular draw.
+        self.w = nn.Parameter(torch.empty(self.m, self.emb), requires_grad=False)
+        self.reset_random_features()
+
+    @torch.no_grad()
+    def reset_random_features(self) -> None:
+        """Draw ``w`` (m, emb) as the official code does: orthogonal rows times sqrt(m).
+
+        The scale is sqrt(m), not the sqrt(emb) of Gaussian-norm features, so the features
+        estimate the softmax kernel only approximately; the trained model depends on this
+        draw, which the checkpoints carry.
+        """
+        nn.init.orthogonal_(self.w)
+        self.w.mul_(math.sqrt(self.m))
+
+    def prm_exp(self, x: Tensor) -> Tensor:
+        """Positive random features: (B, T, emb) -> (B, T, m).
+
+        exp(w·x - |x|²/2) / sqrt(m), so that E_w[phi(x)·phi(y)] ∝ exp(x·y): the softmax
+        kernel without the usual 1/sqrt(d) temperature (none is applied to q and k).
+        """
+        half_square_norm = (x * x).sum(dim=-1, keepdim=True) / 2  # (B, T, 1)
+        wtx = x @ self.w.to(x.dtype).t()  # (B, T, m)
+        return torch.exp(wtx - half_square_norm) / math.sqrt(self.m)
+
+    def single_attn(self, x: Tensor) -> Tensor:
+        """Attention with the skip taken from ``v``: (B, T, dim) -> (B, T, emb)."""
+        k, q, v = torch.split(self.kqv(x), self.emb, dim=-1)
+        # The official code casts to float32 here (`x.float()`): exp of a difference of
+        # large terms overflows or cancels in half precision. We go further and keep
+        # autocast off for the feature map and the two products, so the float32 path
+        # holds under AMP too; in float32 the result is the official one.
+        dtype = torch.promote_types(v.dtype, torch.float32)
+        with _no_autocast(x.device):
+            kp, qp = self.prm_exp(k.to(dtype)), self.prm_exp(q.to(dtype))  # (B, T, m)
+            normaliser = qp @ kp.sum(dim=1).unsqueeze(-1)  # (B, T, 1)
+            kptv = v.to(dtype).transpose(1, 2) @ kp  # (B, emb, m)
+            y = (qp @ kptv.transpose(1, 2)) / (normaliser + self.epsilon)  # (B, T, emb)
+        # The input and output widths differ (dim vs emb), so the residual is `v`.
+        return v + self.dp(self.proj(y.to(v.dtype)))
+
+    def forward(self, x: Tensor) -> Tensor:
+        """(B, T, dim) -> (B, T, emb)."""
+        x = self.single_attn(self.norm1(x))
+        return x + self.mlp(self.norm2(x))
+
+
+class TokenAttention(nn.Module):
+    """Single-head attention of the transformer token layer (official ``Attention`` of
+    ``token_transformer.py``): (B, T, dim) -> (B, T, in_dim), skip connection from ``v``.
+
+    The official class only works with one head (its ``qkv`` has 3·in_dim outputs), which
+    is what the T2T module uses; ``qkv`` has no bias.
+    """
+
+    def __init__(self, dim: int, in_dim: int, attn_drop: float = 0.0, proj_drop: float = 0.0):
+        super().__init__()
+        self.num_heads = 1
+        self.in_dim = in_dim
+        # Official `head_dim ** -0.5` with head_dim = dim // num_heads = dim: the scale
+        # comes from the *input* width (147 or 576 in T2T-ViT-14), not from the q/k width
+        # in_dim (64). The T2T module passes no qk_scale, so this always holds.
+        self.scale = dim**-0.5
+        self.qkv = nn.Linear(dim, 3 * in_dim, bias=False)
+        self.attn_drop = nn.Dropout(attn_drop)
+        self.proj = nn.Linear(in_dim, in_dim)
+        self.proj_drop = nn.Dropout(proj_drop)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """(B, T, dim) -> (B, T, in_dim)."""
+        q, k, v = torch.split(self.qkv(x), self.in_dim, dim=-1)  # official order: q, k, v
+        attn = ((q * self.scale) @ k.transpose(1, 2)).softmax(dim=-1)  # (B, T, T)
+        y = self.proj_drop(self.proj(self.attn_drop(attn) @ v))
+        return v + y
+
+
+class TokenMlp(nn.Module):
+    """The official (timm-style) ``Mlp``: fc1, exact GELU, fc2, dropout after each."""
+
+    def __init__(self, in_features: int, hidden_features: int, drop: float = 0.0) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(in_features, hidden_features)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(hidden_features, in_features)
+        self.drop = nn.Dropout(drop)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """(..., in_features) -> (..., in_features)."""
+        return self.drop(self.fc2(self.drop(self.act(self.fc1(x)))))
+
+
+class TokenTransformer(nn.Module):
+    """Transformer token layer (official ``Token_transformer``, one head, mlp_ratio 1).
+
+    ``y = attn(norm1(x))`` (whose residual is ``v``: the widths differ), then
+    ``y + mlp(norm2(y))``. Shapes: (B, T, dim) -> (B, T, in_dim).
+    """
+
+    def __init__(self, dim: int, in_dim: int, mlp_ratio: float = 1.0) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim)  # official: nn.LayerNorm default, eps 1e-5
+        self.attn = TokenAttention(dim, in_dim)
+        self.norm2 = nn.LayerNorm(in_dim)
+        self.mlp = TokenMlp(in_dim, int(in_dim * mlp_ratio))
+
+    def forward(self, x: Tensor) -> Tensor:
+        """(B, T, dim) -> (B, T, in_dim)."""
+        x = self.attn(self.norm1(x))
+        return x + self.mlp(self.norm2(x))
+
+
+class TokensToToken(nn.Module):
+    """The T2T module (official ``T2T_module``): images to ``num_patches`` tokens.
+
+    Args:
+        img_size: the training resolution; only sets ``num_patches``.
+        tokens_type: ``"performer"`` (T2T-ViT-14) or ``"transformer"`` (T2T-ViT_t-14).
+        in_chans: image channels.
+        embed_dim: output width (384 for T2T-ViT-14).
+        token_dim: width of the two token layers (64).
+
+    Shapes: images (B, in_chans, H, W) -> tokens (B, N, embed_dim), where
+    N = ``num_patches`` = (img_size // 16)² when H = W = img_size is a multiple of 16
+    (224 -> 56×56 -> 28×28 -> 14×14 = 196 tokens). Other sizes give the grid of
+    :meth:`grid_sizes`; unlike the official code (which takes square roots), non-square
+    images are handled.
+
+    The official ``T2T_ViT`` re-initialises every Linear (truncated normal, std 0.02,
+    zero bias) after building this module; that is the holder's job, and ``w`` is not
+    affected by it. Checkpoint loading overwrites all of it anyway.
+    """
+
+    def __init__(
+        self,
+        img_size: int = 224,
+        tokens_type: str = "performer",
+        in_chans: int = 3,
+        embed_dim: int = 384,
+        token_dim: int = 64,
+    ) -> None:
+        super().__init__()
+        if tokens_type not in TOKENS_TYPES:
+            raise ValueError(
+                f"tokens_type must be one of {', '.join(map(repr, TOKENS_TYPES))}; "
+                f"got {tokens_type!r}"
+            )
+        self.tokens_type = tokens_type
+        self.in_chans = in_chans
+        (k0, s0, p0), (k1, s1, p1), (k2, s2, p2) = SOFT_SPLITS
+        self.soft_split0 = nn.Unfold(kernel_size=(k0, k0), stride=(s0, s0), padding=(p0, p0))
+        self.soft_split1 = nn.Unfold(kernel_size=(k1, k1), stride=(s1, s1), padding=(p1, p1))
+        self.soft_split2 = nn.Unfold(kernel_size=(k2, k2), stride=(s2, s2), padding=(p2, p2))
+        # Unfold's features are channel-major: c·k·k + row·k + col.
+        dim1, dim2 = in_chans * k0 * k0, token_dim * k1 * k1
+        self.attention1: nn.Module
+        self.attention2: nn.Module
+        if tokens_type == "performer":
+            self.attention1 = TokenPerformer(dim=dim1, in_dim=token_dim, kernel_ratio=0.5)
+            self.attention2 = TokenPerformer(dim=dim2, in_dim=token_dim, kernel_ratio=0.5)
+        else:
+            self.attention1 = TokenTransformer(dim=dim1, in_dim=token_dim, mlp_ratio=1.0)
+            self.attention2 = TokenTransformer(dim=dim2, in_dim=token_dim, mlp_ratio=1.0)
+        self.project = nn.Linear(token_dim * k2 * k2, embed_dim)
+        stride = s0 * s1 * s2
+        self.num_patches = (img_size // stride) * (img_size // stride)
+
+    @staticmethod
+    def grid_sizes(height: int, width: int) -> tuple[tuple[int, int], ...]:
+        """Token grids (rows, cols) after soft_split0, soft_split1 and soft_split2."""
+        grids = []
+        for kernel, stride, padding in SOFT_SPLITS:
+            height = _split_size(height, kernel, stride, padding)
+            width = _split_size(width, kernel, stride, padding)
+            grids.append((height, width))
+        return tuple(grids)
+
+    def forward(self, images: Tensor) -> Tensor:
+        """(B, in_chans, H, W) -> (B, N, embed_dim); N = 196 for 224×224 images."""
+        # (Skipped under torch.jit.trace, e.g. fvcore's, where shapes are traced values.)
+        if not torch.jit.is_tracing() and (images.dim() != 4 or images.shape[1] != self.in_chans):
+            raise ValueError(
+                f"expected images of shape (B, {self.in_chans}, H, W), got {tuple(images.shape)}"
+            )
+        batch = images.shape[0]
+        (h0, w0), (h1, w1), _ = self.grid_sizes(images.shape[2], images.shape[3])
+        x = self.soft_split0(images).transpose(1, 2)  # (B, h0·w0, in_chans·49)
+        x = self.attention1(x)  # (B, h0·w0, token_dim)
+        x = x.transpose(1, 2).reshape(batch, -1, h0, w0)
+        x = self.soft_split1(x).transpose(1, 2)  # (B, h1·w1, token_dim·9)
+        x = self.attention2(x)  # (B, h1·w1, token_dim)
+        x = x.transpose(1, 2).reshape(batch, -1, h1, w1)
+        x = self.soft_split2(x).transpose(1, 2)  # (B, h2·w2, token_dim·9)
+        return self.project(x)  # (B, h2·w2, embed_dim)
