@@ -212,3 +212,25 @@ def test_fuzz_never_crashes(batch, tokens, channels, n_rows, dtype, weight_len, 
         return
     out = prefix_layer_norm(x, n_rows, w, b, EPS)
     torch.testing.assert_close(out, _reference(x, n_rows, w, b), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("device", cpu_and_cuda())
+def test_nan_and_inf_rows_propagate_like_torch(device, cpu_isa_env):
+    """A NaN row, and an Inf row (whose mean is Inf, so x - mean is NaN), give NaN in
+    their own output and gradient rows only, as F.layer_norm does."""
+    for isa in cpu_isas() if device == "cpu" else [None]:
+        if isa is not None:
+            cpu_isa_env(isa)
+        for dtype in _dtypes(device)[:2]:
+            x, w, b = _inputs(2, 6, 37, dtype=dtype, device=device)
+            x[0, 1, 5] = float("nan")
+            x[1, 3, 0] = float("inf")
+            x, w, b = (t.requires_grad_() for t in (x, w, b))
+            grad_out = torch.randn(2, 4, 37, dtype=dtype, device=device)
+            ours = prefix_layer_norm(x, 4, w, b, EPS)
+            want = _reference(x, 4, w, b)
+            got_grads = torch.autograd.grad(ours, (x, w, b), grad_out)
+            want_grads = torch.autograd.grad(want, (x, w, b), grad_out)
+            assert ours.isnan().any(-1).sum() == 2
+            for got, ref in zip((ours, *got_grads), (want, *want_grads), strict=True):
+                torch.testing.assert_close(got, ref, equal_nan=True, msg=f"{isa} {dtype}")

@@ -5,17 +5,19 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import cpu_and_cuda
+from conftest import cpu_and_cuda, cpu_isas
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from patchslim_ext.ops import pruned_mlp, pruned_msa
-from patchslim_ext.ops.pruned_block import _pruned_msa_reference
+from patchslim_ext.ops.pruned_block import _pruned_mlp_reference, _pruned_msa_reference
 
 EPS = 1e-6
 
 
-def _block_inputs(dtype=torch.float64, device="cpu", tokens=7, channels=12, hidden=20, seed=0):
+def _block_inputs(
+    dtype=torch.float64, device="cpu", tokens=7, channels=12, hidden=20, seed=0, batch=2
+):
     gen = torch.Generator().manual_seed(seed)
 
     def rand(*shape, scale=0.3, shift=0.0):
@@ -23,7 +25,7 @@ def _block_inputs(dtype=torch.float64, device="cpu", tokens=7, channels=12, hidd
             device=device, dtype=dtype
         )
 
-    x = rand(2, tokens, channels, scale=1.0)
+    x = rand(batch, tokens, channels, scale=1.0)
     msa = [
         rand(channels, shift=1.0),
         rand(channels),
@@ -251,3 +253,72 @@ def test_opcheck_msa_without_bias_and_custom_scale(device):
                 scale,
             ),
         )
+
+
+def _poison(x: torch.Tensor, rows: tuple[int, int]) -> torch.Tensor:
+    """x with one NaN feature in image 0, row rows[0], and one Inf in image 1, row rows[1];
+    image 2 stays clean."""
+    x = x.detach().clone()
+    x[0, rows[0], 3] = float("nan")
+    x[1, rows[1], 0] = float("inf")
+    return x
+
+
+def _assert_same_nan_pattern(got, want, msg):
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(
+            g, w, equal_nan=True, rtol=1e-4, atol=1e-5, msg=lambda m: f"{msg}: {m}"
+        )
+
+
+@pytest.mark.parametrize("device", cpu_and_cuda())
+@pytest.mark.parametrize("tokens", [7, 37])
+def test_nan_and_inf_tokens_propagate_like_torch(device, tokens, cpu_isa_env):
+    """A NaN (or Inf, which LayerNorm turns into NaN) token is a key of every query, so
+    torch's attention gives NaN probabilities for its whole image; other images stay
+    finite. The MLP's rows are independent: only the poisoned rows are NaN."""
+    dtype = torch.float64 if device == "cpu" else torch.float32
+    x, msa, mlp = _block_inputs(dtype, device, tokens=tokens, channels=48, hidden=40, batch=3)
+    x = _poison(x, (2, 5))
+    ops = torch.ops.patchslim
+    for isa in cpu_isas() if device == "cpu" else [None]:
+        for dt in (torch.float32, torch.float64) if device == "cpu" else (dtype,):
+            if isa is not None:
+                cpu_isa_env(isa)
+            xs, msa_p, mlp_p = x.to(dt), [t.to(dt) for t in msa], [t.to(dt) for t in mlp]
+            msg = f"{isa} {dt}"
+            want_msa = _pruned_msa_reference(xs, 4, 3, *msa_p, EPS)
+            _assert_same_nan_pattern(ops.pruned_msa(xs, 4, 3, *msa_p, EPS), want_msa, msg)
+            assert want_msa[1][:2].isnan().all() and want_msa[1][2].isfinite().all()
+            updated = xs.clone()
+            ops.pruned_msa_(updated, 4, 3, *msa_p, EPS)
+            _assert_same_nan_pattern([updated[:, :4]], want_msa[:1], msg)
+
+            kept = _poison(xs[:, :4], (2, 3))
+            want_mlp = _pruned_mlp_reference(kept, *mlp_p, EPS)
+            _assert_same_nan_pattern(ops.pruned_mlp(kept, *mlp_p, EPS), want_mlp, msg)
+            assert want_mlp[0].isnan().any(-1).sum() == 2
+            updated = kept.clone()
+            ops.pruned_mlp_(updated, *mlp_p, EPS)
+            _assert_same_nan_pattern([updated], want_mlp[:1], msg)
+
+
+def test_nan_token_gradients_propagate_like_torch():
+    x, msa, mlp = _block_inputs(batch=3, channels=48, hidden=40, tokens=9)
+    for fn, ref, inputs in (
+        (
+            lambda x, *p: pruned_msa(x, 4, 3, *p)[0],
+            lambda x, *p: _pruned_msa_reference(x, 4, 3, *p, EPS)[0],
+            (_poison(x, (2, 5)), *msa),
+        ),
+        (
+            lambda x, *p: pruned_mlp(x, *p),
+            lambda x, *p: _pruned_mlp_reference(x, *p, EPS)[0],
+            (_poison(x, (2, 3)), *mlp),
+        ),
+    ):
+        leaves = [t.detach().clone().requires_grad_() for t in inputs]
+        grad_out = torch.randn_like(fn(*leaves))
+        got = torch.autograd.grad(fn(*leaves), leaves, grad_out)
+        want = torch.autograd.grad(ref(*leaves), leaves, grad_out)
+        _assert_same_nan_pattern(got, want, "backward")

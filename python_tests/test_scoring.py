@@ -17,6 +17,12 @@ from patchslim_ext.ops import (
     score_chain_step,
     score_factor_step,
 )
+from patchslim_ext.ops.scoring import (
+    _patch_scores_reference,
+    _score_chain_diagonal_reference,
+    _score_chain_step_reference,
+    _score_factor_step_reference,
+)
 from patchslim_ext.scoring import (
     ScoreAccumulator,
     chain_diagonal,
@@ -421,3 +427,36 @@ def test_fuzz_patch_scores_never_crash(
     torch.testing.assert_close(
         patch_scores(s_diag, attn, z_in).double(), want, rtol=1e-4, atol=1e-5
     )
+
+
+@pytest.mark.parametrize("device", cpu_and_cuda())
+def test_nan_and_inf_propagate_like_torch(device, cpu_isa_env):
+    """A NaN probability, an Inf entry of S or F and a NaN feature of Z give the NaN/Inf
+    pattern of the same products in plain torch."""
+    for isa in cpu_isas() if device == "cpu" else [None]:
+        if isa is not None:
+            cpu_isa_env(isa)
+        for dtype in _op_dtypes(device):
+            attn = _softmax_maps(3, 2, 6, 19, dtype, device, seed=4)
+            full = _softmax_maps(3, 2, 19, 19, dtype, device, seed=5)
+            S, F = _random_psd(3, 8, 3, dtype, device, seed=6)
+            z_in = torch.randn(3, 19, 40, dtype=dtype, device=device)
+            s_diag = torch.rand(3, 19, dtype=dtype, device=device)
+            attn[0, 1, 2, 7] = full[0, 0, 3, 4] = float("nan")
+            S[1, 2, 2] = F[1, 0, 2] = float("inf")
+            z_in[2, 5, 1] = float("nan")
+            cases = [
+                (score_chain_step, _score_chain_step_reference, (S, attn, 13)),
+                (score_factor_step, _score_factor_step_reference, (F, attn, 13)),
+                (score_chain_diagonal, _score_chain_diagonal_reference, (S, attn, False)),
+                (score_chain_diagonal, _score_chain_diagonal_reference, (F, attn, True)),
+                (patch_scores, _patch_scores_reference, (s_diag, full, z_in)),
+                (patch_scores, _patch_scores_reference, (s_diag, full, z_in[..., :3])),
+            ]
+            for op, reference, args in cases:
+                got, want = op(*args), reference(*args)
+                assert not want.isfinite().all()
+                label = f"{op.__name__} {isa} {dtype}"
+                torch.testing.assert_close(
+                    got, want, equal_nan=True, msg=lambda m, label=label: f"{label}: {m}"
+                )

@@ -32,7 +32,7 @@ float32. Not differentiable.
     (B, n_out, n_out): the top-left block of ``S_{l-1} = Σ_h P_hᵀ S[:n, :n] P_h``.
 
 ``patchslim::score_factor_step(Tensor F, Tensor attn, SymInt n_out) -> Tensor``
-    (B, H·R, n_out): the factor of that block, rows ``h·R + r`` = ``(F[:, :n] P_h)[r]``.
+    (B, R·H, n_out): the factor of that block, rows ``r·H + h`` = ``(F[:, :n] P_h)[r]``.
 
 ``patchslim::score_chain_diagonal(Tensor state, Tensor attn, bool factored) -> Tensor``
     (B, N): ``diag(S_{l-1})`` over all tokens, without forming ``S_{l-1}``.

@@ -176,6 +176,62 @@ def _pruned_mlp_reference(
     return x + F.linear(F.gelu(pre + fc1_bias), fc2_weight, fc2_bias), pre
 
 
+def _pruned_msa_backward_reference(
+    grad_out: Tensor,
+    grad_attn: Tensor | None,
+    x: Tensor,
+    n_keep: int,
+    num_heads: int,
+    ln_weight: Tensor,
+    ln_bias: Tensor,
+    qkv_weight: Tensor,
+    qkv_bias: Tensor | None,
+    proj_weight: Tensor,
+    proj_bias: Tensor,
+    eps: float,
+    attn: Tensor,
+    q: Tensor,
+    kv: Tensor,
+    context: Tensor,
+    scale: float | None = None,
+) -> tuple[Tensor, ...]:
+    """``patchslim::pruned_msa_backward``: the vector-Jacobian product of the reference,
+    which recomputes the activations (``attn``, ``q``, ``kv``, ``context`` are not read)."""
+    bias = torch.zeros_like(qkv_weight[:, 0]) if qkv_bias is None else qkv_bias
+    _, vjp = torch.func.vjp(
+        lambda x, *params: _pruned_msa_reference(x, n_keep, num_heads, *params, eps, scale)[:2],
+        x,
+        ln_weight,
+        ln_bias,
+        qkv_weight,
+        bias,
+        proj_weight,
+        proj_bias,
+    )
+    return vjp((grad_out, torch.zeros_like(attn) if grad_attn is None else grad_attn))
+
+
+def _pruned_mlp_backward_reference(
+    grad_out: Tensor,
+    x: Tensor,
+    ln_weight: Tensor,
+    ln_bias: Tensor,
+    fc1_weight: Tensor,
+    fc1_bias: Tensor,
+    fc2_weight: Tensor,
+    fc2_bias: Tensor,
+    eps: float,
+    pre: Tensor,
+) -> tuple[Tensor, ...]:
+    """``patchslim::pruned_mlp_backward``: the vector-Jacobian product of the reference,
+    which recomputes ``pre`` (not read)."""
+    params = (ln_weight, ln_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias)
+    _, vjp = torch.func.vjp(
+        lambda x, *params: _pruned_mlp_reference(x, *params, eps)[0], x, *params
+    )
+    return vjp(grad_out)
+
+
 def pruned_msa(
     x: Tensor,
     n_keep: int,
