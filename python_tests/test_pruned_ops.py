@@ -9,8 +9,16 @@ from conftest import cpu_and_cuda, cpu_isas
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from patchslim_ext.ops import pruned_mlp, pruned_msa
-from patchslim_ext.ops.pruned_block import _pruned_mlp_reference, _pruned_msa_reference
+import patchslim_ext.ops as ps_ops
+from patchslim_ext.ops import prefix_layer_norm, pruned_mlp, pruned_msa
+from patchslim_ext.ops.pruned_block import (
+    _pruned_mlp_backward_reference,
+    _pruned_mlp_inplace_reference,
+    _pruned_mlp_reference,
+    _pruned_msa_backward_reference,
+    _pruned_msa_inplace_reference,
+    _pruned_msa_reference,
+)
 
 EPS = 1e-6
 
@@ -322,3 +330,160 @@ def test_nan_token_gradients_propagate_like_torch():
         got = torch.autograd.grad(fn(*leaves), leaves, grad_out)
         want = torch.autograd.grad(ref(*leaves), leaves, grad_out)
         _assert_same_nan_pattern(got, want, "backward")
+
+
+# Every op against its reference (patchslim_ext.ops.pruned_block._*_reference).
+
+# Relative to the largest magnitude of each expected tensor: sums over many terms
+# (parameter gradients) carry rounding error in proportion to it.
+TOLERANCES = {torch.float32: 2e-5, torch.float64: 1e-10}
+
+
+def _assert_all_close(got, want, dtype, msg):
+    for index, (g, w) in enumerate(zip(got, want, strict=True)):
+        tol = TOLERANCES[dtype]
+        torch.testing.assert_close(
+            g,
+            w,
+            rtol=tol,
+            atol=tol * max(1.0, w.abs().max().item()) if w.numel() else tol,
+            msg=lambda m, index=index: f"{msg}[{index}]: {m}",
+        )
+
+
+@pytest.mark.parametrize("device", cpu_and_cuda())
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize(("tokens", "n_keep"), [(7, 1), (7, 4), (7, 7), (37, 20)])
+def test_ops_match_their_references(device, dtype, tokens, n_keep):
+    if device == "cuda" and dtype == torch.float64:
+        pytest.skip("CUDA kernels take float32, float16 and bfloat16")
+    x, msa, mlp = _block_inputs(dtype, device, tokens=tokens, channels=48, hidden=40, seed=n_keep)
+    ops = torch.ops.patchslim
+    for _, params, scale in _msa_variants(msa, 48, 3):
+        msa_out = ops.pruned_msa(x, n_keep, 3, *params, EPS, scale)
+        _assert_all_close(
+            msa_out, _pruned_msa_reference(x, n_keep, 3, *params, EPS, scale), dtype, "msa"
+        )
+        ours, ref = x.clone(), x.clone()
+        ops.pruned_msa_(ours, n_keep, 3, *params, EPS, scale)
+        _pruned_msa_inplace_reference(ref, n_keep, 3, *params, EPS, scale)
+        _assert_all_close([ours], [ref], dtype, "msa_")
+        out, attn, q, kv, context = msa_out
+        for grad_attn in (None, torch.randn_like(attn)):
+            args = (torch.randn_like(out), grad_attn, x, n_keep, 3, *params, EPS)
+            got = ops.pruned_msa_backward(*args, attn, q, kv, context, scale)
+            want = _pruned_msa_backward_reference(*args, attn, q, kv, context, scale)
+            _assert_all_close(got, want, dtype, "msa_backward")
+    kept = x[:, :n_keep]
+    mlp_out = ops.pruned_mlp(kept, *mlp, EPS)
+    _assert_all_close(mlp_out, _pruned_mlp_reference(kept, *mlp, EPS), dtype, "mlp")
+    ours, ref = kept.clone(), kept.clone()
+    ops.pruned_mlp_(ours, *mlp, EPS)
+    _pruned_mlp_inplace_reference(ref, *mlp, EPS)
+    _assert_all_close([ours], [ref], dtype, "mlp_")
+    grad_out = torch.randn_like(kept)
+    got = ops.pruned_mlp_backward(grad_out, kept, *mlp, EPS, mlp_out[1])
+    want = _pruned_mlp_backward_reference(grad_out, kept, *mlp, EPS, mlp_out[1])
+    _assert_all_close(got, want, dtype, "mlp_backward")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_autograd_matches_autograd_through_the_references(dtype):
+    x, msa, mlp = _block_inputs(dtype, tokens=11, channels=24, hidden=30, seed=3)
+    leaves = [t.clone().requires_grad_() for t in (x, *msa, *mlp)]
+
+    def run(msa_fn, mlp_fn):
+        x, msa, mlp = leaves[0], leaves[1:7], leaves[7:]
+        out, attn = msa_fn(x, msa)
+        return torch.autograd.grad((mlp_fn(out, mlp).square().sum() + attn.square().sum()), leaves)
+
+    got = run(lambda x, p: pruned_msa(x, 5, 3, *p), lambda x, p: pruned_mlp(x, *p))
+    want = run(
+        lambda x, p: _pruned_msa_reference(x, 5, 3, *p, EPS)[:2],
+        lambda x, p: _pruned_mlp_reference(x, *p, EPS)[0],
+    )
+    _assert_all_close(got, want, dtype, "grad")
+
+
+# Export: the references are the ops' registered decompositions.
+
+
+class _Block(torch.nn.Module):
+    """The ops as a pruned model calls them: functional with autograd, in place (on an
+    intermediate and on a view of it) without; a prefix LayerNorm after the block."""
+
+    def __init__(self, msa, mlp, n_keep=4, heads=3, scale=None):
+        super().__init__()
+        self.msa = torch.nn.ParameterList(msa)
+        self.mlp = torch.nn.ParameterList(mlp)
+        self.n_keep, self.heads, self.scale = n_keep, heads, scale
+
+    def forward(self, x):
+        n, msa, mlp = self.n_keep, list(self.msa), list(self.mlp)
+        if torch.is_grad_enabled():
+            out, attn = pruned_msa(x, n, self.heads, *msa, EPS, self.scale)
+            out = pruned_mlp(out, *mlp, EPS)
+            return out, attn, prefix_layer_norm(out, 2, mlp[0], mlp[1], EPS)
+        y = x * 1.0
+        torch.ops.patchslim.pruned_msa_(y, n, self.heads, *msa, EPS, self.scale)
+        torch.ops.patchslim.pruned_mlp_(y[:, :n], *mlp, EPS)
+        return y, prefix_layer_norm(y, 2, mlp[0], mlp[1], EPS)
+
+
+def _patchslim_nodes(graph):
+    return [n.target for n in graph.nodes if "patchslim" in str(n.target)]
+
+
+@pytest.mark.parametrize("grad", [True, False], ids=["functional", "in_place"])
+def test_export_decomposes_every_op(grad):
+    x, msa, mlp = _block_inputs(torch.float32, tokens=9, channels=24, hidden=30)
+    module = _Block(msa, mlp, scale=0.3).eval()
+    batch = torch.export.Dim("batch", min=1, max=64)
+    with torch.set_grad_enabled(grad):
+        program = torch.export.export(module, (x,), dynamic_shapes={"x": {0: batch}})
+        assert _patchslim_nodes(program.graph)
+        decomposed = program.run_decompositions(ps_ops.decompositions())
+        assert _patchslim_nodes(decomposed.graph) == []
+        for inputs in (x, torch.randn(5, 9, 24)):
+            _assert_all_close(
+                decomposed.module()(inputs), module(inputs), torch.float32, "decomposed"
+            )
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+@pytest.mark.parametrize("grad", [True, False], ids=["functional", "in_place"])
+def test_scripted_onnx_export_names_the_op_instead_of_dropping_it(grad, tmp_path):
+    """The TorchScript tracer records an in-place op as the functional op plus a copy, so
+    the legacy ONNX exporter refuses it, naming it, instead of dropping a node that has
+    no outputs; the traced module itself still computes the block."""
+    x, msa, mlp = _block_inputs(torch.float32)
+    module = _Block(msa, mlp).eval()
+    with torch.set_grad_enabled(grad):
+        with pytest.raises(
+            torch.onnx.errors.UnsupportedOperatorError, match="patchslim::pruned_msa"
+        ):
+            torch.onnx.export(module, (x,), tmp_path / "block.onnx", dynamo=False)
+        traced = torch.jit.trace(module, (x,), check_trace=False)
+        other = torch.randn_like(x)
+        _assert_all_close(traced(other), module(other), torch.float32, "traced")
+
+
+@pytest.mark.parametrize("grad", [True, False], ids=["functional", "in_place"])
+def test_onnx_export_runs_in_onnxruntime(grad, tmp_path):
+    onnxruntime = pytest.importorskip("onnxruntime")
+    x, msa, mlp = _block_inputs(torch.float32, tokens=9, channels=24, hidden=30)
+    module = _Block(msa, mlp).eval()
+    batch = torch.export.Dim("batch", min=1, max=64)
+    with torch.set_grad_enabled(grad):
+        program = torch.onnx.export(
+            module, (x,), dynamic_shapes={"x": {0: batch}}, dynamo=True, verbose=False
+        )
+    path = tmp_path / "block.onnx"
+    program.save(path)
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    for inputs in (x, torch.randn(3, 9, 24)):
+        got = session.run(None, {session.get_inputs()[0].name: inputs.numpy()})
+        with torch.set_grad_enabled(grad):
+            want = [t.detach() for t in module(inputs)]
+        for g, w in zip(got, want, strict=True):
+            torch.testing.assert_close(torch.from_numpy(g), w, rtol=1e-4, atol=1e-5)

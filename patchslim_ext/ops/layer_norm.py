@@ -1,8 +1,10 @@
-"""Fake kernels, autograd and the Python entry point of ``patchslim::prefix_layer_norm``."""
+"""Fake kernels, autograd, references (registered as decompositions) and the Python entry
+point of ``patchslim::prefix_layer_norm``."""
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch._decomp import register_decomposition
 
 _OP = "patchslim::prefix_layer_norm"
 _BACKWARD_OP = "patchslim::prefix_layer_norm_backward"
@@ -89,6 +91,12 @@ def _prefix_layer_norm_backward_reference(
         (grad * xhat).sum((0, 1)).to(weight.dtype),
         grad.sum((0, 1)).to(weight.dtype),
     )
+
+
+register_decomposition(torch.ops.patchslim.prefix_layer_norm.default)(_prefix_layer_norm_reference)
+register_decomposition(torch.ops.patchslim.prefix_layer_norm_backward.default)(
+    _prefix_layer_norm_backward_reference
+)
 
 
 def prefix_layer_norm(

@@ -5,6 +5,7 @@ The ops are not differentiable: scores are computed under ``torch.no_grad``.
 
 import torch
 from torch import Tensor
+from torch._decomp import register_decomposition
 
 
 def _check_attn(attn: Tensor) -> tuple[int, int, int, int]:
@@ -45,7 +46,8 @@ def _patch_scores_fake(s_diag: Tensor, attn: Tensor, z_in: Tensor) -> Tensor:
     return attn.new_empty(batch, tokens)
 
 
-# References in standard torch ops, beside each op (as torchvision keeps _roi_align).
+# References in standard torch ops, beside each op (as torchvision keeps _roi_align);
+# registered as decompositions below.
 
 
 def _score_chain_step_reference(S: Tensor, attn: Tensor, n_out: int) -> Tensor:
@@ -70,6 +72,15 @@ def _score_chain_diagonal_reference(state: Tensor, attn: Tensor, factored: bool)
 
 def _patch_scores_reference(s_diag: Tensor, attn: Tensor, z_in: Tensor) -> Tensor:
     return s_diag * torch.matmul(attn, z_in.abs()[:, None]).square().sum((1, 3))
+
+
+for _name, _reference in (
+    ("score_chain_step", _score_chain_step_reference),
+    ("score_factor_step", _score_factor_step_reference),
+    ("score_chain_diagonal", _score_chain_diagonal_reference),
+    ("patch_scores", _patch_scores_reference),
+):
+    register_decomposition(getattr(torch.ops.patchslim, _name).default)(_reference)
 
 
 def score_chain_step(S: Tensor, attn: Tensor, n_out: int) -> Tensor:
