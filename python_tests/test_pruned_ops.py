@@ -12,6 +12,8 @@ from hypothesis import strategies as st
 import patchslim_ext.ops as ps_ops
 from patchslim_ext.ops import prefix_layer_norm, pruned_mlp, pruned_msa
 from patchslim_ext.ops.pruned_block import (
+    _MLP_PARAMS,
+    _MSA_PARAMS,
     _pruned_mlp_backward_reference,
     _pruned_mlp_inplace_reference,
     _pruned_mlp_reference,
@@ -487,3 +489,126 @@ def test_onnx_export_runs_in_onnxruntime(grad, tmp_path):
             want = [t.detach() for t in module(inputs)]
         for g, w in zip(got, want, strict=True):
             torch.testing.assert_close(torch.from_numpy(g), w, rtol=1e-4, atol=1e-5)
+
+
+# In-place safety: the in-place ops behave like torch's own.
+
+_IN_PLACE = {
+    "pruned_msa_": lambda x, msa, mlp: torch.ops.patchslim.pruned_msa_(x, 4, 3, *msa, EPS),
+    "pruned_mlp_": lambda x, msa, mlp: torch.ops.patchslim.pruned_mlp_(x, *mlp, EPS),
+}
+
+
+@pytest.mark.parametrize("op", _IN_PLACE)
+def test_in_place_ops_refuse_leaves_that_require_grad(op):
+    x, msa, mlp = _block_inputs(torch.float32)
+    leaf = x.clone().requires_grad_()
+    with pytest.raises(RuntimeError, match=r"^a leaf Variable that requires grad is being used"):
+        _IN_PLACE[op](leaf, msa, mlp)
+    with pytest.raises(RuntimeError, match=r"^a view of a leaf Variable that requires grad"):
+        _IN_PLACE[op](leaf[:, :5], msa, mlp)
+    with torch.no_grad():  # as for torch's in-place ops (optimizers): allowed, bumps the version
+        _IN_PLACE[op](leaf, msa, mlp)
+    assert leaf._version == 1
+
+
+@pytest.mark.parametrize("op", _IN_PLACE)
+def test_in_place_ops_are_not_differentiable(op):
+    x, msa, mlp = _block_inputs(torch.float32)
+    with pytest.raises(RuntimeError, match=f"{op}: x requires grad, but the in-place op is not"):
+        _IN_PLACE[op](x.clone().requires_grad_() * 2, msa, mlp)
+    params = [t.clone().requires_grad_() for t in (msa if op == "pruned_msa_" else mlp)]
+    with pytest.raises(RuntimeError, match=f"{op}: ln_weight requires grad"):
+        _IN_PLACE[op](x.clone(), params, params)
+
+
+@pytest.mark.parametrize("op", _IN_PLACE)
+def test_in_place_ops_bump_the_version_counter(op):
+    """A backward through a tensor saved before the overwrite raises, as after x.mul_(2)."""
+    x, msa, mlp = _block_inputs(torch.float32)
+    hidden = x.clone().requires_grad_() * 2
+    saved = hidden.sin()  # saves hidden for its backward
+    with torch.no_grad():
+        _IN_PLACE[op](hidden, msa, mlp)
+    assert hidden._version == 1
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        saved.sum().backward()
+
+
+@pytest.mark.parametrize("op", _IN_PLACE)
+def test_in_place_ops_refuse_overlapping_elements(op):
+    _, msa, mlp = _block_inputs(torch.float32)
+    cases = {
+        "expanded": torch.randn(1, 7, 12).expand(2, 7, 12),
+        "stride 0": torch.randn(2, 1, 12).expand(2, 7, 12),
+        "overlapping as_strided": torch.randn(200).as_strided((2, 7, 12), (12, 1, 1)),
+        "overlapping windows": torch.randn(200).as_strided((2, 7, 12), (60, 6, 1)),
+    }
+    for x in cases.values():
+        with pytest.raises(RuntimeError, match=f"{op}: x has elements that share memory"):
+            _IN_PLACE[op](x, msa, mlp)
+    # Distinct elements with gaps between rows are fine.
+    strided = torch.randn(2, 7, 30)[..., :12]
+    want = strided.clone()
+    _IN_PLACE[op](strided, msa, mlp)
+    _IN_PLACE[op](want, msa, mlp)
+    torch.testing.assert_close(strided, want)
+
+
+@pytest.mark.parametrize("op", _IN_PLACE)
+def test_in_place_ops_refuse_parameters_inside_x(op):
+    x, msa, mlp = _block_inputs(torch.float32)
+    params = list(msa if op == "pruned_msa_" else mlp)
+    names = list(_MSA_PARAMS if op == "pruned_msa_" else _MLP_PARAMS)
+    for index in (0, 5):  # a LayerNorm weight and the last bias: rows of x itself
+        aliased = list(params)
+        aliased[index] = x[1, 2]
+        with pytest.raises(RuntimeError, match=f"{op}: {names[index]} shares memory with x"):
+            _IN_PLACE[op](x, aliased, aliased)
+
+
+def test_backward_ops_accept_any_strides():
+    """Saved tensors with non-unit channel strides, transposed layouts or expanded
+    gradients give the gradients of their contiguous copies."""
+    x, msa, mlp = _block_inputs(torch.float64, tokens=9, channels=12, hidden=20)
+    ops = torch.ops.patchslim
+
+    def strided(t, how):
+        if how == "channel":
+            return torch.stack([t, torch.full_like(t, float("nan"))], -1)[..., 0]
+        return t.transpose(0, 1).contiguous().transpose(0, 1)
+
+    kept = x[:, :4].contiguous()
+    _, pre = ops.pruned_mlp(kept, *mlp, EPS)
+    grad_out = torch.randn_like(kept)
+    out, attn, q, kv, context = ops.pruned_msa(x, 4, 3, *msa, EPS)
+    grad_msa, grad_attn = torch.randn_like(out), torch.randn_like(attn)
+    want_mlp = ops.pruned_mlp_backward(grad_out, kept, *mlp, EPS, pre)
+    want_msa = ops.pruned_msa_backward(
+        grad_msa, grad_attn, x, 4, 3, *msa, EPS, attn, q, kv, context
+    )
+    for how in ("channel", "transposed"):
+        got = ops.pruned_mlp_backward(
+            strided(grad_out, how), strided(kept, how), *mlp, EPS, strided(pre, how)
+        )
+        _assert_all_close(got, want_mlp, torch.float64, f"mlp {how}")
+        got = ops.pruned_msa_backward(
+            strided(grad_msa, how),
+            strided(grad_attn, how),
+            strided(x, how),
+            4,
+            3,
+            *msa,
+            EPS,
+            strided(attn, how),
+            strided(q, how),
+            strided(kv, how),
+            strided(context, how),
+        )
+        _assert_all_close(got, want_msa, torch.float64, f"msa {how}")
+    expanded = torch.randn(1, 3, 4, 9, dtype=torch.float64).expand(2, 3, 4, 9)
+    got = ops.pruned_msa_backward(grad_msa, expanded, x, 4, 3, *msa, EPS, attn, q, kv, context)
+    want = ops.pruned_msa_backward(
+        grad_msa, expanded.contiguous(), x, 4, 3, *msa, EPS, attn, q, kv, context
+    )
+    _assert_all_close(got, want, torch.float64, "expanded grad_attn")
