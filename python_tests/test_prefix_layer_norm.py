@@ -9,7 +9,11 @@ from conftest import cpu_and_cuda, cpu_isas
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from patchslim_ext.ops import cpu_isa, prefix_layer_norm
+from patchslim_ext.ops import cpu_isa, decompositions, prefix_layer_norm
+from patchslim_ext.ops.layer_norm import (
+    _prefix_layer_norm_backward_reference,
+    _prefix_layer_norm_reference,
+)
 
 EPS = 1e-6
 
@@ -212,3 +216,55 @@ def test_fuzz_never_crashes(batch, tokens, channels, n_rows, dtype, weight_len, 
         return
     out = prefix_layer_norm(x, n_rows, w, b, EPS)
     torch.testing.assert_close(out, _reference(x, n_rows, w, b), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("device", cpu_and_cuda())
+def test_nan_and_inf_rows_propagate_like_torch(device, cpu_isa_env):
+    """A NaN row, and an Inf row (whose mean is Inf, so x - mean is NaN), give NaN in
+    their own output and gradient rows only, as F.layer_norm does."""
+    for isa in cpu_isas() if device == "cpu" else [None]:
+        if isa is not None:
+            cpu_isa_env(isa)
+        for dtype in _dtypes(device)[:2]:
+            x, w, b = _inputs(2, 6, 37, dtype=dtype, device=device)
+            x[0, 1, 5] = float("nan")
+            x[1, 3, 0] = float("inf")
+            x, w, b = (t.requires_grad_() for t in (x, w, b))
+            grad_out = torch.randn(2, 4, 37, dtype=dtype, device=device)
+            ours = prefix_layer_norm(x, 4, w, b, EPS)
+            want = _reference(x, 4, w, b)
+            got_grads = torch.autograd.grad(ours, (x, w, b), grad_out)
+            want_grads = torch.autograd.grad(want, (x, w, b), grad_out)
+            assert ours.isnan().any(-1).sum() == 2
+            for got, ref in zip((ours, *got_grads), (want, *want_grads), strict=True):
+                torch.testing.assert_close(got, ref, equal_nan=True, msg=f"{isa} {dtype}")
+
+
+@pytest.mark.parametrize("device", cpu_and_cuda())
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_ops_equal_their_references(device, dtype):
+    """Forward (output and statistics) and backward against the references beside them."""
+    if device == "cuda" and dtype == torch.float64:
+        pytest.skip("CUDA kernels take float32, float16 and bfloat16")
+    tol = {torch.float32: 2e-5, torch.float64: 1e-12}[dtype]
+    x, w, b = _inputs(3, 9, 37, dtype=dtype, device=device)
+    for n_rows in (0, 1, 5, 9):
+        got = torch.ops.patchslim.prefix_layer_norm(x, n_rows, w, b, EPS)
+        want = _prefix_layer_norm_reference(x, n_rows, w, b, EPS)
+        grad_out = torch.randn_like(want[0])
+        got_grads = torch.ops.patchslim.prefix_layer_norm_backward(grad_out, x, n_rows, *got[1:], w)
+        want_grads = _prefix_layer_norm_backward_reference(grad_out, x, n_rows, *want[1:], w)
+        for g, r in zip((*got, *got_grads), (*want, *want_grads), strict=True):
+            scale = max(1.0, r.abs().max().item()) if r.numel() else 1.0
+            torch.testing.assert_close(g, r, rtol=tol, atol=tol * scale)
+
+
+def test_export_decomposes_the_op():
+    class Norm(torch.nn.Module):
+        def forward(self, x, w, b):
+            return prefix_layer_norm(x, 3, w, b, EPS)
+
+    args = _inputs(2, 7, 12)
+    program = torch.export.export(Norm(), args).run_decompositions(decompositions())
+    assert not [n for n in program.graph.nodes if "patchslim" in str(n.target)]
+    torch.testing.assert_close(program.module()(*args), Norm()(*args))

@@ -5,17 +5,29 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import cpu_and_cuda
+from conftest import cpu_and_cuda, cpu_isas
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from patchslim_ext.ops import pruned_mlp, pruned_msa
-from patchslim_ext.ops.pruned_block import _pruned_msa_reference
+import patchslim_ext.ops as ps_ops
+from patchslim_ext.ops import prefix_layer_norm, pruned_mlp, pruned_msa
+from patchslim_ext.ops.pruned_block import (
+    _MLP_PARAMS,
+    _MSA_PARAMS,
+    _pruned_mlp_backward_reference,
+    _pruned_mlp_inplace_reference,
+    _pruned_mlp_reference,
+    _pruned_msa_backward_reference,
+    _pruned_msa_inplace_reference,
+    _pruned_msa_reference,
+)
 
 EPS = 1e-6
 
 
-def _block_inputs(dtype=torch.float64, device="cpu", tokens=7, channels=12, hidden=20, seed=0):
+def _block_inputs(
+    dtype=torch.float64, device="cpu", tokens=7, channels=12, hidden=20, seed=0, batch=2
+):
     gen = torch.Generator().manual_seed(seed)
 
     def rand(*shape, scale=0.3, shift=0.0):
@@ -23,7 +35,7 @@ def _block_inputs(dtype=torch.float64, device="cpu", tokens=7, channels=12, hidd
             device=device, dtype=dtype
         )
 
-    x = rand(2, tokens, channels, scale=1.0)
+    x = rand(batch, tokens, channels, scale=1.0)
     msa = [
         rand(channels, shift=1.0),
         rand(channels),
@@ -251,3 +263,352 @@ def test_opcheck_msa_without_bias_and_custom_scale(device):
                 scale,
             ),
         )
+
+
+def _poison(x: torch.Tensor, rows: tuple[int, int]) -> torch.Tensor:
+    """x with one NaN feature in image 0, row rows[0], and one Inf in image 1, row rows[1];
+    image 2 stays clean."""
+    x = x.detach().clone()
+    x[0, rows[0], 3] = float("nan")
+    x[1, rows[1], 0] = float("inf")
+    return x
+
+
+def _assert_same_nan_pattern(got, want, msg):
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(
+            g, w, equal_nan=True, rtol=1e-4, atol=1e-5, msg=lambda m: f"{msg}: {m}"
+        )
+
+
+@pytest.mark.parametrize("device", cpu_and_cuda())
+@pytest.mark.parametrize("tokens", [7, 37])
+def test_nan_and_inf_tokens_propagate_like_torch(device, tokens, cpu_isa_env):
+    """A NaN (or Inf, which LayerNorm turns into NaN) token is a key of every query, so
+    torch's attention gives NaN probabilities for its whole image; other images stay
+    finite. The MLP's rows are independent: only the poisoned rows are NaN."""
+    dtype = torch.float64 if device == "cpu" else torch.float32
+    x, msa, mlp = _block_inputs(dtype, device, tokens=tokens, channels=48, hidden=40, batch=3)
+    x = _poison(x, (2, 5))
+    ops = torch.ops.patchslim
+    for isa in cpu_isas() if device == "cpu" else [None]:
+        for dt in (torch.float32, torch.float64) if device == "cpu" else (dtype,):
+            if isa is not None:
+                cpu_isa_env(isa)
+            xs, msa_p, mlp_p = x.to(dt), [t.to(dt) for t in msa], [t.to(dt) for t in mlp]
+            msg = f"{isa} {dt}"
+            want_msa = _pruned_msa_reference(xs, 4, 3, *msa_p, EPS)
+            _assert_same_nan_pattern(ops.pruned_msa(xs, 4, 3, *msa_p, EPS), want_msa, msg)
+            assert want_msa[1][:2].isnan().all() and want_msa[1][2].isfinite().all()
+            updated = xs.clone()
+            ops.pruned_msa_(updated, 4, 3, *msa_p, EPS)
+            _assert_same_nan_pattern([updated[:, :4]], want_msa[:1], msg)
+
+            kept = _poison(xs[:, :4], (2, 3))
+            want_mlp = _pruned_mlp_reference(kept, *mlp_p, EPS)
+            _assert_same_nan_pattern(ops.pruned_mlp(kept, *mlp_p, EPS), want_mlp, msg)
+            assert want_mlp[0].isnan().any(-1).sum() == 2
+            updated = kept.clone()
+            ops.pruned_mlp_(updated, *mlp_p, EPS)
+            _assert_same_nan_pattern([updated], want_mlp[:1], msg)
+
+
+def test_nan_token_gradients_propagate_like_torch():
+    x, msa, mlp = _block_inputs(batch=3, channels=48, hidden=40, tokens=9)
+    for fn, ref, inputs in (
+        (
+            lambda x, *p: pruned_msa(x, 4, 3, *p)[0],
+            lambda x, *p: _pruned_msa_reference(x, 4, 3, *p, EPS)[0],
+            (_poison(x, (2, 5)), *msa),
+        ),
+        (
+            lambda x, *p: pruned_mlp(x, *p),
+            lambda x, *p: _pruned_mlp_reference(x, *p, EPS)[0],
+            (_poison(x, (2, 3)), *mlp),
+        ),
+    ):
+        leaves = [t.detach().clone().requires_grad_() for t in inputs]
+        grad_out = torch.randn_like(fn(*leaves))
+        got = torch.autograd.grad(fn(*leaves), leaves, grad_out)
+        want = torch.autograd.grad(ref(*leaves), leaves, grad_out)
+        _assert_same_nan_pattern(got, want, "backward")
+
+
+# Every op against its reference (patchslim_ext.ops.pruned_block._*_reference).
+
+# Relative to the largest magnitude of each expected tensor: sums over many terms
+# (parameter gradients) carry rounding error in proportion to it.
+TOLERANCES = {torch.float32: 2e-5, torch.float64: 1e-10}
+
+
+def _assert_all_close(got, want, dtype, msg):
+    for index, (g, w) in enumerate(zip(got, want, strict=True)):
+        tol = TOLERANCES[dtype]
+        torch.testing.assert_close(
+            g,
+            w,
+            rtol=tol,
+            atol=tol * max(1.0, w.abs().max().item()) if w.numel() else tol,
+            msg=lambda m, index=index: f"{msg}[{index}]: {m}",
+        )
+
+
+@pytest.mark.parametrize("device", cpu_and_cuda())
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize(("tokens", "n_keep"), [(7, 1), (7, 4), (7, 7), (37, 20)])
+def test_ops_match_their_references(device, dtype, tokens, n_keep):
+    if device == "cuda" and dtype == torch.float64:
+        pytest.skip("CUDA kernels take float32, float16 and bfloat16")
+    x, msa, mlp = _block_inputs(dtype, device, tokens=tokens, channels=48, hidden=40, seed=n_keep)
+    ops = torch.ops.patchslim
+    for _, params, scale in _msa_variants(msa, 48, 3):
+        msa_out = ops.pruned_msa(x, n_keep, 3, *params, EPS, scale)
+        _assert_all_close(
+            msa_out, _pruned_msa_reference(x, n_keep, 3, *params, EPS, scale), dtype, "msa"
+        )
+        ours, ref = x.clone(), x.clone()
+        ops.pruned_msa_(ours, n_keep, 3, *params, EPS, scale)
+        _pruned_msa_inplace_reference(ref, n_keep, 3, *params, EPS, scale)
+        _assert_all_close([ours], [ref], dtype, "msa_")
+        out, attn, q, kv, context = msa_out
+        for grad_attn in (None, torch.randn_like(attn)):
+            args = (torch.randn_like(out), grad_attn, x, n_keep, 3, *params, EPS)
+            got = ops.pruned_msa_backward(*args, attn, q, kv, context, scale)
+            want = _pruned_msa_backward_reference(*args, attn, q, kv, context, scale)
+            _assert_all_close(got, want, dtype, "msa_backward")
+    kept = x[:, :n_keep]
+    mlp_out = ops.pruned_mlp(kept, *mlp, EPS)
+    _assert_all_close(mlp_out, _pruned_mlp_reference(kept, *mlp, EPS), dtype, "mlp")
+    ours, ref = kept.clone(), kept.clone()
+    ops.pruned_mlp_(ours, *mlp, EPS)
+    _pruned_mlp_inplace_reference(ref, *mlp, EPS)
+    _assert_all_close([ours], [ref], dtype, "mlp_")
+    grad_out = torch.randn_like(kept)
+    got = ops.pruned_mlp_backward(grad_out, kept, *mlp, EPS, mlp_out[1])
+    want = _pruned_mlp_backward_reference(grad_out, kept, *mlp, EPS, mlp_out[1])
+    _assert_all_close(got, want, dtype, "mlp_backward")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_autograd_matches_autograd_through_the_references(dtype):
+    x, msa, mlp = _block_inputs(dtype, tokens=11, channels=24, hidden=30, seed=3)
+    leaves = [t.clone().requires_grad_() for t in (x, *msa, *mlp)]
+
+    def run(msa_fn, mlp_fn):
+        x, msa, mlp = leaves[0], leaves[1:7], leaves[7:]
+        out, attn = msa_fn(x, msa)
+        return torch.autograd.grad((mlp_fn(out, mlp).square().sum() + attn.square().sum()), leaves)
+
+    got = run(lambda x, p: pruned_msa(x, 5, 3, *p), lambda x, p: pruned_mlp(x, *p))
+    want = run(
+        lambda x, p: _pruned_msa_reference(x, 5, 3, *p, EPS)[:2],
+        lambda x, p: _pruned_mlp_reference(x, *p, EPS)[0],
+    )
+    _assert_all_close(got, want, dtype, "grad")
+
+
+# Export: the references are the ops' registered decompositions.
+
+
+class _Block(torch.nn.Module):
+    """The ops as a pruned model calls them: functional with autograd, in place (on an
+    intermediate and on a view of it) without; a prefix LayerNorm after the block."""
+
+    def __init__(self, msa, mlp, n_keep=4, heads=3, scale=None):
+        super().__init__()
+        self.msa = torch.nn.ParameterList(msa)
+        self.mlp = torch.nn.ParameterList(mlp)
+        self.n_keep, self.heads, self.scale = n_keep, heads, scale
+
+    def forward(self, x):
+        n, msa, mlp = self.n_keep, list(self.msa), list(self.mlp)
+        if torch.is_grad_enabled():
+            out, attn = pruned_msa(x, n, self.heads, *msa, EPS, self.scale)
+            out = pruned_mlp(out, *mlp, EPS)
+            return out, attn, prefix_layer_norm(out, 2, mlp[0], mlp[1], EPS)
+        y = x * 1.0
+        torch.ops.patchslim.pruned_msa_(y, n, self.heads, *msa, EPS, self.scale)
+        torch.ops.patchslim.pruned_mlp_(y[:, :n], *mlp, EPS)
+        return y, prefix_layer_norm(y, 2, mlp[0], mlp[1], EPS)
+
+
+def _patchslim_nodes(graph):
+    return [n.target for n in graph.nodes if "patchslim" in str(n.target)]
+
+
+@pytest.mark.parametrize("grad", [True, False], ids=["functional", "in_place"])
+def test_export_decomposes_every_op(grad):
+    x, msa, mlp = _block_inputs(torch.float32, tokens=9, channels=24, hidden=30)
+    module = _Block(msa, mlp, scale=0.3).eval()
+    batch = torch.export.Dim("batch", min=1, max=64)
+    with torch.set_grad_enabled(grad):
+        program = torch.export.export(module, (x,), dynamic_shapes={"x": {0: batch}})
+        assert _patchslim_nodes(program.graph)
+        decomposed = program.run_decompositions(ps_ops.decompositions())
+        assert _patchslim_nodes(decomposed.graph) == []
+        for inputs in (x, torch.randn(5, 9, 24)):
+            _assert_all_close(
+                decomposed.module()(inputs), module(inputs), torch.float32, "decomposed"
+            )
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+@pytest.mark.parametrize("grad", [True, False], ids=["functional", "in_place"])
+def test_scripted_onnx_export_names_the_op_instead_of_dropping_it(grad, tmp_path):
+    """The TorchScript tracer records an in-place op as the functional op plus a copy, so
+    the legacy ONNX exporter refuses it, naming it, instead of dropping a node that has
+    no outputs; the traced module itself still computes the block."""
+    x, msa, mlp = _block_inputs(torch.float32)
+    module = _Block(msa, mlp).eval()
+    with torch.set_grad_enabled(grad):
+        with pytest.raises(
+            torch.onnx.errors.UnsupportedOperatorError, match="patchslim::pruned_msa"
+        ):
+            torch.onnx.export(module, (x,), tmp_path / "block.onnx", dynamo=False)
+        traced = torch.jit.trace(module, (x,), check_trace=False)
+        other = torch.randn_like(x)
+        _assert_all_close(traced(other), module(other), torch.float32, "traced")
+
+
+@pytest.mark.parametrize("grad", [True, False], ids=["functional", "in_place"])
+def test_onnx_export_runs_in_onnxruntime(grad, tmp_path):
+    onnxruntime = pytest.importorskip("onnxruntime")
+    x, msa, mlp = _block_inputs(torch.float32, tokens=9, channels=24, hidden=30)
+    module = _Block(msa, mlp).eval()
+    batch = torch.export.Dim("batch", min=1, max=64)
+    with torch.set_grad_enabled(grad):
+        program = torch.onnx.export(
+            module, (x,), dynamic_shapes={"x": {0: batch}}, dynamo=True, verbose=False
+        )
+    path = tmp_path / "block.onnx"
+    program.save(path)
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    for inputs in (x, torch.randn(3, 9, 24)):
+        got = session.run(None, {session.get_inputs()[0].name: inputs.numpy()})
+        with torch.set_grad_enabled(grad):
+            want = [t.detach() for t in module(inputs)]
+        for g, w in zip(got, want, strict=True):
+            torch.testing.assert_close(torch.from_numpy(g), w, rtol=1e-4, atol=1e-5)
+
+
+# In-place safety: the in-place ops behave like torch's own.
+
+_IN_PLACE = {
+    "pruned_msa_": lambda x, msa, mlp: torch.ops.patchslim.pruned_msa_(x, 4, 3, *msa, EPS),
+    "pruned_mlp_": lambda x, msa, mlp: torch.ops.patchslim.pruned_mlp_(x, *mlp, EPS),
+}
+
+
+@pytest.mark.parametrize("op", _IN_PLACE)
+def test_in_place_ops_refuse_leaves_that_require_grad(op):
+    x, msa, mlp = _block_inputs(torch.float32)
+    leaf = x.clone().requires_grad_()
+    with pytest.raises(RuntimeError, match=r"^a leaf Variable that requires grad is being used"):
+        _IN_PLACE[op](leaf, msa, mlp)
+    with pytest.raises(RuntimeError, match=r"^a view of a leaf Variable that requires grad"):
+        _IN_PLACE[op](leaf[:, :5], msa, mlp)
+    with torch.no_grad():  # as for torch's in-place ops (optimizers): allowed, bumps the version
+        _IN_PLACE[op](leaf, msa, mlp)
+    assert leaf._version == 1
+
+
+@pytest.mark.parametrize("op", _IN_PLACE)
+def test_in_place_ops_are_not_differentiable(op):
+    x, msa, mlp = _block_inputs(torch.float32)
+    with pytest.raises(RuntimeError, match=f"{op}: x requires grad, but the in-place op is not"):
+        _IN_PLACE[op](x.clone().requires_grad_() * 2, msa, mlp)
+    params = [t.clone().requires_grad_() for t in (msa if op == "pruned_msa_" else mlp)]
+    with pytest.raises(RuntimeError, match=f"{op}: ln_weight requires grad"):
+        _IN_PLACE[op](x.clone(), params, params)
+
+
+@pytest.mark.parametrize("op", _IN_PLACE)
+def test_in_place_ops_bump_the_version_counter(op):
+    """A backward through a tensor saved before the overwrite raises, as after x.mul_(2)."""
+    x, msa, mlp = _block_inputs(torch.float32)
+    hidden = x.clone().requires_grad_() * 2
+    saved = hidden.sin()  # saves hidden for its backward
+    with torch.no_grad():
+        _IN_PLACE[op](hidden, msa, mlp)
+    assert hidden._version == 1
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        saved.sum().backward()
+
+
+@pytest.mark.parametrize("op", _IN_PLACE)
+def test_in_place_ops_refuse_overlapping_elements(op):
+    _, msa, mlp = _block_inputs(torch.float32)
+    cases = {
+        "expanded": torch.randn(1, 7, 12).expand(2, 7, 12),
+        "stride 0": torch.randn(2, 1, 12).expand(2, 7, 12),
+        "overlapping as_strided": torch.randn(200).as_strided((2, 7, 12), (12, 1, 1)),
+        "overlapping windows": torch.randn(200).as_strided((2, 7, 12), (60, 6, 1)),
+    }
+    for x in cases.values():
+        with pytest.raises(RuntimeError, match=f"{op}: x has elements that share memory"):
+            _IN_PLACE[op](x, msa, mlp)
+    # Distinct elements with gaps between rows are fine.
+    strided = torch.randn(2, 7, 30)[..., :12]
+    want = strided.clone()
+    _IN_PLACE[op](strided, msa, mlp)
+    _IN_PLACE[op](want, msa, mlp)
+    torch.testing.assert_close(strided, want)
+
+
+@pytest.mark.parametrize("op", _IN_PLACE)
+def test_in_place_ops_refuse_parameters_inside_x(op):
+    x, msa, mlp = _block_inputs(torch.float32)
+    params = list(msa if op == "pruned_msa_" else mlp)
+    names = list(_MSA_PARAMS if op == "pruned_msa_" else _MLP_PARAMS)
+    for index in (0, 5):  # a LayerNorm weight and the last bias: rows of x itself
+        aliased = list(params)
+        aliased[index] = x[1, 2]
+        with pytest.raises(RuntimeError, match=f"{op}: {names[index]} shares memory with x"):
+            _IN_PLACE[op](x, aliased, aliased)
+
+
+def test_backward_ops_accept_any_strides():
+    """Saved tensors with non-unit channel strides, transposed layouts or expanded
+    gradients give the gradients of their contiguous copies."""
+    x, msa, mlp = _block_inputs(torch.float64, tokens=9, channels=12, hidden=20)
+    ops = torch.ops.patchslim
+
+    def strided(t, how):
+        if how == "channel":
+            return torch.stack([t, torch.full_like(t, float("nan"))], -1)[..., 0]
+        return t.transpose(0, 1).contiguous().transpose(0, 1)
+
+    kept = x[:, :4].contiguous()
+    _, pre = ops.pruned_mlp(kept, *mlp, EPS)
+    grad_out = torch.randn_like(kept)
+    out, attn, q, kv, context = ops.pruned_msa(x, 4, 3, *msa, EPS)
+    grad_msa, grad_attn = torch.randn_like(out), torch.randn_like(attn)
+    want_mlp = ops.pruned_mlp_backward(grad_out, kept, *mlp, EPS, pre)
+    want_msa = ops.pruned_msa_backward(
+        grad_msa, grad_attn, x, 4, 3, *msa, EPS, attn, q, kv, context
+    )
+    for how in ("channel", "transposed"):
+        got = ops.pruned_mlp_backward(
+            strided(grad_out, how), strided(kept, how), *mlp, EPS, strided(pre, how)
+        )
+        _assert_all_close(got, want_mlp, torch.float64, f"mlp {how}")
+        got = ops.pruned_msa_backward(
+            strided(grad_msa, how),
+            strided(grad_attn, how),
+            strided(x, how),
+            4,
+            3,
+            *msa,
+            EPS,
+            strided(attn, how),
+            strided(q, how),
+            strided(kv, how),
+            strided(context, how),
+        )
+        _assert_all_close(got, want_msa, torch.float64, f"msa {how}")
+    expanded = torch.randn(1, 3, 4, 9, dtype=torch.float64).expand(2, 3, 4, 9)
+    got = ops.pruned_msa_backward(grad_msa, expanded, x, 4, 3, *msa, EPS, attn, q, kv, context)
+    want = ops.pruned_msa_backward(
+        grad_msa, expanded.contiguous(), x, 4, 3, *msa, EPS, attn, q, kv, context
+    )
+    _assert_all_close(got, want, torch.float64, "expanded grad_attn")

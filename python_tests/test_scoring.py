@@ -17,6 +17,12 @@ from patchslim_ext.ops import (
     score_chain_step,
     score_factor_step,
 )
+from patchslim_ext.ops.scoring import (
+    _patch_scores_reference,
+    _score_chain_diagonal_reference,
+    _score_chain_step_reference,
+    _score_factor_step_reference,
+)
 from patchslim_ext.scoring import (
     ScoreAccumulator,
     chain_diagonal,
@@ -183,9 +189,7 @@ def test_api_bad_order_and_method():
 
 
 def _step_reference(S, attn, n_out):
-    kept = attn.shape[2]
-    P = attn[..., :n_out].double()
-    return torch.einsum("bhai,bac,bhcj->bij", P, S[:, :kept, :kept].double(), P)
+    return _score_chain_step_reference(S.double(), attn.double(), n_out)
 
 
 def _random_psd(batch, size, rank, dtype, device="cpu", seed=0):
@@ -233,9 +237,7 @@ def test_patch_scores_match_torch(device, channels):
         attn = _softmax_maps(2, 3, 10, 10, dtype, device, seed=channels)
         z_in = torch.randn(2, 10, channels, dtype=dtype, device=device)
         s_diag = torch.rand(2, 10, dtype=dtype, device=device)
-        want = s_diag.double() * (attn.double() @ z_in.double().abs().unsqueeze(1)).square().sum(
-            (1, 3)
-        )
+        want = _patch_scores_reference(s_diag.double(), attn.double(), z_in.double())
         got = patch_scores(s_diag, attn, z_in)
         assert _relative_error(got.cpu(), want.cpu()) <= _tolerance(dtype)
 
@@ -417,7 +419,84 @@ def test_fuzz_patch_scores_never_crash(
         with pytest.raises(RuntimeError):
             patch_scores(s_diag, attn, z_in)
         return
-    want = s_diag.double() * (attn.double() @ z_in.double().abs().unsqueeze(1)).square().sum((1, 3))
+    want = _patch_scores_reference(s_diag.double(), attn.double(), z_in.double())
     torch.testing.assert_close(
         patch_scores(s_diag, attn, z_in).double(), want, rtol=1e-4, atol=1e-5
     )
+
+
+@pytest.mark.parametrize("device", cpu_and_cuda())
+def test_nan_and_inf_propagate_like_torch(device, cpu_isa_env):
+    """A NaN probability, an Inf entry of S or F and a NaN feature of Z give the NaN/Inf
+    pattern of the same products in plain torch."""
+    for isa in cpu_isas() if device == "cpu" else [None]:
+        if isa is not None:
+            cpu_isa_env(isa)
+        for dtype in _op_dtypes(device):
+            attn = _softmax_maps(3, 2, 6, 19, dtype, device, seed=4)
+            full = _softmax_maps(3, 2, 19, 19, dtype, device, seed=5)
+            S, F = _random_psd(3, 8, 3, dtype, device, seed=6)
+            z_in = torch.randn(3, 19, 40, dtype=dtype, device=device)
+            s_diag = torch.rand(3, 19, dtype=dtype, device=device)
+            attn[0, 1, 2, 7] = full[0, 0, 3, 4] = float("nan")
+            S[1, 2, 2] = F[1, 0, 2] = float("inf")
+            z_in[2, 5, 1] = float("nan")
+            cases = [
+                (score_chain_step, _score_chain_step_reference, (S, attn, 13)),
+                (score_factor_step, _score_factor_step_reference, (F, attn, 13)),
+                (score_chain_diagonal, _score_chain_diagonal_reference, (S, attn, False)),
+                (score_chain_diagonal, _score_chain_diagonal_reference, (F, attn, True)),
+                (patch_scores, _patch_scores_reference, (s_diag, full, z_in)),
+                (patch_scores, _patch_scores_reference, (s_diag, full, z_in[..., :3])),
+            ]
+            for op, reference, args in cases:
+                got, want = op(*args), reference(*args)
+                assert not want.isfinite().all()
+                label = f"{op.__name__} {isa} {dtype}"
+                torch.testing.assert_close(
+                    got, want, equal_nan=True, msg=lambda m, label=label: f"{label}: {m}"
+                )
+
+
+@pytest.mark.parametrize("device", cpu_and_cuda())
+def test_ops_equal_their_references(device):
+    """Every op against the reference beside it, which is also its decomposition."""
+    for dtype in _op_dtypes(device):
+        attn = _softmax_maps(2, 3, 5, 13, dtype, device, seed=8)
+        full = _softmax_maps(2, 3, 13, 13, dtype, device, seed=9)
+        S, F = _random_psd(2, 7, 3, dtype, device, seed=10)
+        z_in = torch.randn(2, 13, 33, dtype=dtype, device=device)
+        s_diag = torch.rand(2, 13, dtype=dtype, device=device)
+        cases = [
+            (score_chain_step, _score_chain_step_reference, (S, attn, 9)),
+            (score_factor_step, _score_factor_step_reference, (F, attn, 13)),
+            (score_chain_diagonal, _score_chain_diagonal_reference, (S, attn, False)),
+            (score_chain_diagonal, _score_chain_diagonal_reference, (F, attn, True)),
+            (patch_scores, _patch_scores_reference, (s_diag, full, z_in)),
+            (patch_scores, _patch_scores_reference, (s_diag, full, z_in[..., :2])),
+        ]
+        for op, reference, args in cases:
+            got, want = op(*args), reference(*args)
+            assert got.shape == want.shape and got.dtype == want.dtype
+            assert _relative_error(got, want) <= _tolerance(dtype), (op.__name__, dtype)
+
+
+class _Scores(torch.nn.Module):
+    def forward(self, S, F, attn, full, z_in):
+        step = score_chain_step(S, attn, 6)
+        factor = score_factor_step(F, attn, 7)
+        diagonal = score_chain_diagonal(F, attn, True) + score_chain_diagonal(S, attn, False)
+        return step, factor, patch_scores(diagonal, full, z_in)
+
+
+def test_export_decomposes_the_scoring_ops():
+    from patchslim_ext.ops import decompositions
+
+    attn = _softmax_maps(2, 3, 4, 7, torch.float32, seed=1)
+    full = _softmax_maps(2, 3, 7, 7, torch.float32, seed=2)
+    S, F = _random_psd(2, 5, 2, torch.float32)
+    args = (S, F, attn, full, torch.randn(2, 7, 5))
+    program = torch.export.export(_Scores(), args).run_decompositions(decompositions())
+    assert not [n for n in program.graph.nodes if "patchslim" in str(n.target)]
+    for got, want in zip(program.module()(*args), _Scores()(*args), strict=True):
+        assert _relative_error(got, want) <= 2e-5

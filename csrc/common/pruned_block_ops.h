@@ -26,6 +26,7 @@
 // projection (B, N, 2C) and the attention context (B, n, C) for MSA; FC1's
 // output before bias and GELU (B, n, D) for the MLP. LayerNorm is recomputed.
 
+#include <ATen/MemoryOverlap.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/cat.h>
 #include <ATen/ops/linear.h>
@@ -34,9 +35,12 @@
 #include <c10/util/Exception.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cmath>
 #include <optional>
 #include <tuple>
+#include <utility>
+#include <vector>
 
 namespace patchslim::block {
 
@@ -100,6 +104,69 @@ inline void check_mlp(const at::Tensor& x, const MlpParams& p, const char* op) {
   check_param(p.fc1_bias, x, {D}, op, "fc1_bias", "(D,)");
   check_param(p.fc2_weight, x, {C, D}, op, "fc2_weight", "(C, D)");
   check_param(p.fc2_bias, x, {C}, op, "fc2_bias", "(C,)");
+}
+
+// Whether two elements of t share memory. Dense tensors have none and expanded
+// (stride-0) ones do; for other strided layouts, dims taken by increasing stride must
+// each step past the span of the dims before them, else the layout counts as
+// overlapping (as_strided windows that reuse elements among them).
+inline bool has_overlapping_elements(const at::Tensor& t) {
+  switch (at::has_internal_overlap(t)) {
+    case at::MemOverlap::No:
+      return false;
+    case at::MemOverlap::Yes:
+      return true;
+    case at::MemOverlap::TooHard:
+      break;
+  }
+  std::vector<std::pair<int64_t, int64_t>> dims;
+  for (int64_t d = 0; d < t.dim(); ++d) {
+    if (t.size(d) > 1) dims.emplace_back(t.stride(d), t.size(d));
+  }
+  std::sort(dims.begin(), dims.end());
+  int64_t span = 0;
+  for (const auto& [stride, size] : dims) {
+    if (stride <= span) return true;
+    span += stride * (size - 1);
+  }
+  return false;
+}
+
+// Whether a and b (same dtype) may read or write the same memory: the overlap status
+// where ATen can tell, else whether their storage ranges intersect.
+inline bool shares_memory(const at::Tensor& a, const at::Tensor& b) {
+  if (a.numel() == 0 || b.numel() == 0 || !a.is_alias_of(b)) return false;
+  switch (at::get_overlap_status(a, b)) {
+    case at::MemOverlapStatus::Full:
+    case at::MemOverlapStatus::Partial:
+      return true;
+    case at::MemOverlapStatus::No:
+      return false;
+    case at::MemOverlapStatus::TooHard:
+      break;
+  }
+  const auto last = [](const at::Tensor& t) {
+    int64_t offset = t.storage_offset();
+    for (int64_t d = 0; d < t.dim(); ++d) offset += t.stride(d) * (t.size(d) - 1);
+    return offset;
+  };
+  return a.storage_offset() <= last(b) && b.storage_offset() <= last(a);
+}
+
+// The in-place ops write x: its elements must be distinct memory, and no parameter may
+// live in x's memory (it would be read after being overwritten).
+inline void check_writable(const at::Tensor& x,
+                           std::initializer_list<std::pair<const char*, const at::Tensor*>> params,
+                           const char* op) {
+  TORCH_CHECK(x.stride(2) == 1, op, ": x must have a contiguous channel dimension");
+  TORCH_CHECK(!has_overlapping_elements(x), op,
+              ": x has elements that share memory (expanded, stride 0 or overlapping "
+              "as_strided, strides ", x.strides(), "), which the op would write more than once; "
+              "pass x.contiguous()");
+  for (const auto& [name, param] : params) {
+    TORCH_CHECK(param == nullptr || !shares_memory(x, *param), op, ": ", name,
+                " shares memory with x, which the op overwrites; pass a copy of it");
+  }
 }
 
 // (B, R, H·d) <-> (B, H, R, d) views.
@@ -187,7 +254,14 @@ void pruned_msa_(const at::Tensor& x, int64_t n_keep, int64_t num_heads, const M
                  double eps, std::optional<double> scale) {
   check_msa(x, n_keep, num_heads, p, "pruned_msa_");
   Backend::check_dtype(x, "pruned_msa_");
-  TORCH_CHECK(x.stride(2) == 1, "pruned_msa_: x must have a contiguous channel dimension");
+  check_writable(x,
+                 {{"ln_weight", &p.ln_weight},
+                  {"ln_bias", &p.ln_bias},
+                  {"qkv_weight", &p.qkv_weight},
+                  {"qkv_bias", p.qkv_bias.has_value() ? &*p.qkv_bias : nullptr},
+                  {"proj_weight", &p.proj_weight},
+                  {"proj_bias", &p.proj_bias}},
+                 "pruned_msa_");
   const auto f = msa_core<Backend>(x, n_keep, num_heads, p, eps, scale, /*want_probs=*/false);
   Backend::bias_residual_(x.narrow(1, 0, n_keep), p.proj_bias, f.projected);
 }
@@ -196,8 +270,8 @@ template <typename Backend>
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
 pruned_msa_backward(const at::Tensor& grad_out_arg, const std::optional<at::Tensor>& grad_probs,
                     const at::Tensor& x, int64_t n_keep, int64_t num_heads, const MsaParams& p,
-                    double eps, const at::Tensor& probs_arg, const at::Tensor& q,
-                    const at::Tensor& kv, const at::Tensor& context,
+                    double eps, const at::Tensor& probs_arg, const at::Tensor& q_arg,
+                    const at::Tensor& kv_arg, const at::Tensor& context,
                     std::optional<double> scale) {
   constexpr const char* op = "pruned_msa_backward";
   check_msa(x, n_keep, num_heads, p, op);
@@ -207,13 +281,18 @@ pruned_msa_backward(const at::Tensor& grad_out_arg, const std::optional<at::Tens
   const int64_t C = x.size(2);
   check_param(probs_arg, x, {B, num_heads, n_keep, N}, op, "attn", "(B, H, n_keep, N)");
   check_param(grad_out_arg, x, {B, n_keep, C}, op, "grad_out", "(B, n_keep, C)");
-  check_param(q, x, {B, n_keep, C}, op, "q", "(B, n_keep, C)");
-  check_param(kv, x, {B, N, 2 * C}, op, "kv", "(B, N, 2C)");
+  check_param(q_arg, x, {B, n_keep, C}, op, "q", "(B, n_keep, C)");
+  check_param(kv_arg, x, {B, N, 2 * C}, op, "kv", "(B, N, 2C)");
   check_param(context, x, {B, n_keep, C}, op, "context", "(B, n_keep, C)");
+  if (grad_probs.has_value() && grad_probs->defined()) {
+    check_param(*grad_probs, x, {B, num_heads, n_keep, N}, op, "grad_attn", "(B, H, n_keep, N)");
+  }
+  // Saved tensors may come with any strides (the kernels and the head views below
+  // need contiguous ones); contiguous() copies only those that are not.
   const auto probs = probs_arg.contiguous();
   const auto grad_out = grad_out_arg.contiguous();
   const auto [normed, mean, rstd] = Backend::layer_norm(x, p.ln_weight, p.ln_bias, eps);
-  const MsaProjections a{q, kv, num_heads};
+  const MsaProjections a{q_arg.contiguous(), kv_arg.contiguous(), num_heads};
   const auto v_heads = a.v_heads();
 
   const auto grad_proj_weight = weight_grad(grad_out, context);
@@ -268,7 +347,14 @@ template <typename Backend>
 void pruned_mlp_(const at::Tensor& x, const MlpParams& p, double eps) {
   check_mlp(x, p, "pruned_mlp_");
   Backend::check_dtype(x, "pruned_mlp_");
-  TORCH_CHECK(x.stride(2) == 1, "pruned_mlp_: x must have a contiguous channel dimension");
+  check_writable(x,
+                 {{"ln_weight", &p.ln_weight},
+                  {"ln_bias", &p.ln_bias},
+                  {"fc1_weight", &p.fc1_weight},
+                  {"fc1_bias", &p.fc1_bias},
+                  {"fc2_weight", &p.fc2_weight},
+                  {"fc2_bias", &p.fc2_bias}},
+                 "pruned_mlp_");
   const auto out = std::get<0>(mlp_core<Backend>(x, p, eps, /*keep_pre=*/false));
   Backend::bias_residual_(x, p.fc2_bias, out);
 }
@@ -276,12 +362,14 @@ void pruned_mlp_(const at::Tensor& x, const MlpParams& p, double eps) {
 template <typename Backend>
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
 pruned_mlp_backward(const at::Tensor& grad_out_arg, const at::Tensor& x, const MlpParams& p,
-                    double eps, const at::Tensor& pre) {
+                    double eps, const at::Tensor& pre_arg) {
   constexpr const char* op = "pruned_mlp_backward";
   check_mlp(x, p, op);
   Backend::check_dtype(x, op);
   check_param(grad_out_arg, x, x.sizes(), op, "grad_out", "(B, n, C)");
-  check_param(pre, x, {x.size(0), x.size(1), p.fc1_weight.size(0)}, op, "pre", "(B, n, D)");
+  check_param(pre_arg, x, {x.size(0), x.size(1), p.fc1_weight.size(0)}, op, "pre", "(B, n, D)");
+  // The row kernels read pre and write a clone of it with a contiguous channel dim.
+  const auto pre = pre_arg.contiguous();
   const auto grad_out = grad_out_arg.contiguous();
   const auto [normed, mean, rstd] = Backend::layer_norm(x, p.ln_weight, p.ln_bias, eps);
   auto hidden = pre.clone();

@@ -32,7 +32,7 @@ float32. Not differentiable.
     (B, n_out, n_out): the top-left block of ``S_{l-1} = Σ_h P_hᵀ S[:n, :n] P_h``.
 
 ``patchslim::score_factor_step(Tensor F, Tensor attn, SymInt n_out) -> Tensor``
-    (B, H·R, n_out): the factor of that block, rows ``h·R + r`` = ``(F[:, :n] P_h)[r]``.
+    (B, R·H, n_out): the factor of that block, rows ``r·H + h`` = ``(F[:, :n] P_h)[r]``.
 
 ``patchslim::score_chain_diagonal(Tensor state, Tensor attn, bool factored) -> Tensor``
     (B, N): ``diag(S_{l-1})`` over all tokens, without forming ``S_{l-1}``.
@@ -78,9 +78,23 @@ Tensor fc1_bias, Tensor fc2_weight, Tensor fc2_bias, float eps) -> (Tensor out, 
 
 ``patchslim::pruned_mlp_backward(Tensor grad_out, Tensor x, …, Tensor pre) -> (grad_x,
 grad_ln_weight, grad_ln_bias, grad_fc1_weight, grad_fc1_bias, grad_fc2_weight, grad_fc2_bias)``
+
+References and export. Beside every op, in its Python module, is a reference in standard
+torch ops (``_pruned_msa_reference`` next to ``pruned_msa``, …); the references of the
+functional ops are registered as their decompositions, so that
+
+    ep = torch.export.export(module, args)
+    ep = ep.run_decompositions(patchslim_ext.ops.decompositions())
+
+leaves no ``patchslim::`` node, and ``torch.onnx.export(module, args, dynamo=True)``
+(whose table includes registered decompositions) writes standard ONNX ops. Under
+functionalization and the TorchScript tracer the in-place ops are the functional op
+plus a copy into ``x``'s prefix, so they export the same way; the TorchScript ONNX
+exporter (``dynamo=False``) stops at the first ``patchslim::`` op with an
+``UnsupportedOperatorError`` naming it.
 """
 
-import torch  # noqa: F401  (loads libtorch before the extension that links it)
+import torch  # loads libtorch before the extension that links it
 
 from patchslim_ext import _C
 from patchslim_ext.ops.layer_norm import prefix_layer_norm
@@ -94,6 +108,7 @@ from patchslim_ext.ops.scoring import (
 
 __all__ = [
     "cpu_isa",
+    "decompositions",
     "patch_scores",
     "prefix_layer_norm",
     "pruned_mlp",
@@ -109,3 +124,18 @@ def cpu_isa() -> str:
     ``"avx512"``. ``PATCHSLIM_CPU_ISA`` overrides the detected one (raises
     ``ValueError`` if this CPU lacks the requested one)."""
     return _C.active_cpu_isa()
+
+
+def decompositions() -> dict:
+    """``torch.export.default_decompositions()`` plus the reference decomposition of every
+    functional patchslim op: pass it to ``ExportedProgram.run_decompositions`` to get a
+    graph of core ATen ops only."""
+    table = torch.export.default_decompositions()
+    table.update(
+        {
+            op: fn
+            for op, fn in torch._decomp.decomposition_table.items()
+            if getattr(op, "namespace", None) == "patchslim"
+        }
+    )
+    return table

@@ -1,7 +1,10 @@
-"""Fake kernels, autograd and the Python entry point of ``patchslim::prefix_layer_norm``."""
+"""Fake kernels, autograd, references (registered as decompositions) and the Python entry
+point of ``patchslim::prefix_layer_norm``."""
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
+from torch._decomp import register_decomposition
 
 _OP = "patchslim::prefix_layer_norm"
 _BACKWARD_OP = "patchslim::prefix_layer_norm_backward"
@@ -59,6 +62,41 @@ def _backward(ctx, grad_out: Tensor, _grad_mean: Tensor, _grad_rstd: Tensor):
 
 
 torch.library.register_autograd(_OP, _backward, setup_context=_setup_context)
+
+
+def _prefix_layer_norm_reference(
+    input: Tensor, n_rows: int, weight: Tensor, bias: Tensor, eps: float
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``patchslim::prefix_layer_norm`` in standard torch ops, all three outputs."""
+    rows = input[:, :n_rows]
+    var, mean = torch.var_mean(rows.to(_stats_dtype(input)), -1, correction=0)
+    out = F.layer_norm(rows, (input.shape[-1],), weight, bias, eps)
+    return out, mean, torch.rsqrt(var + eps)
+
+
+def _prefix_layer_norm_backward_reference(
+    grad_out: Tensor, input: Tensor, n_rows: int, mean: Tensor, rstd: Tensor, weight: Tensor
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``patchslim::prefix_layer_norm_backward`` in standard torch ops, from the saved
+    statistics (the op takes no eps: it is in ``rstd``)."""
+    grad = grad_out.to(mean.dtype)
+    xhat = (input[:, :n_rows].to(mean.dtype) - mean[..., None]) * rstd[..., None]
+    gw = grad * weight.to(mean.dtype)
+    grad_rows = rstd[..., None] * (
+        gw - gw.mean(-1, keepdim=True) - xhat * (gw * xhat).mean(-1, keepdim=True)
+    )
+    grad_input = F.pad(grad_rows, (0, 0, 0, input.shape[1] - n_rows)).to(input.dtype)
+    return (
+        grad_input,
+        (grad * xhat).sum((0, 1)).to(weight.dtype),
+        grad.sum((0, 1)).to(weight.dtype),
+    )
+
+
+register_decomposition(torch.ops.patchslim.prefix_layer_norm.default)(_prefix_layer_norm_reference)
+register_decomposition(torch.ops.patchslim.prefix_layer_norm_backward.default)(
+    _prefix_layer_norm_backward_reference
+)
 
 
 def prefix_layer_norm(

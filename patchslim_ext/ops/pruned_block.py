@@ -1,8 +1,14 @@
-"""Fake kernels, autograd and Python entry points of the pruned-block ops.
+"""Fake kernels, autograd, references and Python entry points of the pruned-block ops.
 
 Besides their results, the forward ops return the activations their backward reads
 (Q, the K|V projection and the attention context; FC1's pre-activation), as
 ``native_layer_norm`` returns its statistics; the Python entry points hide them.
+
+Each op has a reference in standard torch ops beside it (``_pruned_msa_reference``,
+…); the functional ones are registered as decompositions (for ``run_decompositions``
+and the ONNX exporter). Under functionalization (``torch.export``, ``torch.compile``)
+and the TorchScript tracer the in-place ops become the functional op and a copy into
+x's prefix, which those tools record with ops they know.
 """
 
 from __future__ import annotations
@@ -10,6 +16,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch._decomp import register_decomposition
 
 _MSA_PARAMS = ("ln_weight", "ln_bias", "qkv_weight", "qkv_bias", "proj_weight", "proj_bias")
 _MLP_PARAMS = ("ln_weight", "ln_bias", "fc1_weight", "fc1_bias", "fc2_weight", "fc2_bias")
@@ -174,6 +181,93 @@ def _pruned_mlp_reference(
     """``patchslim::pruned_mlp`` in standard torch ops, both outputs."""
     pre = F.linear(F.layer_norm(x, (x.shape[-1],), ln_weight, ln_bias, eps), fc1_weight)
     return x + F.linear(F.gelu(pre + fc1_bias), fc2_weight, fc2_bias), pre
+
+
+def _pruned_msa_inplace_reference(x: Tensor, n_keep: int, *args) -> None:
+    """``patchslim::pruned_msa_``: the reference written into ``x[:, :n_keep]``."""
+    x[:, :n_keep] = _pruned_msa_reference(x, n_keep, *args)[0]
+
+
+def _pruned_mlp_inplace_reference(x: Tensor, *args) -> None:
+    """``patchslim::pruned_mlp_``: the reference written into ``x``."""
+    x.copy_(_pruned_mlp_reference(x, *args)[0])
+
+
+def _pruned_msa_backward_reference(
+    grad_out: Tensor,
+    grad_attn: Tensor | None,
+    x: Tensor,
+    n_keep: int,
+    num_heads: int,
+    ln_weight: Tensor,
+    ln_bias: Tensor,
+    qkv_weight: Tensor,
+    qkv_bias: Tensor | None,
+    proj_weight: Tensor,
+    proj_bias: Tensor,
+    eps: float,
+    attn: Tensor,
+    q: Tensor,
+    kv: Tensor,
+    context: Tensor,
+    scale: float | None = None,
+) -> tuple[Tensor, ...]:
+    """``patchslim::pruned_msa_backward``: the vector-Jacobian product of the reference,
+    which recomputes the activations (``attn``, ``q``, ``kv``, ``context`` are not read)."""
+    bias = torch.zeros_like(qkv_weight[:, 0]) if qkv_bias is None else qkv_bias
+    _, vjp = torch.func.vjp(
+        lambda x, *params: _pruned_msa_reference(x, n_keep, num_heads, *params, eps, scale)[:2],
+        x,
+        ln_weight,
+        ln_bias,
+        qkv_weight,
+        bias,
+        proj_weight,
+        proj_bias,
+    )
+    return vjp((grad_out, torch.zeros_like(attn) if grad_attn is None else grad_attn))
+
+
+def _pruned_mlp_backward_reference(
+    grad_out: Tensor,
+    x: Tensor,
+    ln_weight: Tensor,
+    ln_bias: Tensor,
+    fc1_weight: Tensor,
+    fc1_bias: Tensor,
+    fc2_weight: Tensor,
+    fc2_bias: Tensor,
+    eps: float,
+    pre: Tensor,
+) -> tuple[Tensor, ...]:
+    """``patchslim::pruned_mlp_backward``: the vector-Jacobian product of the reference,
+    which recomputes ``pre`` (not read)."""
+    params = (ln_weight, ln_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias)
+    _, vjp = torch.func.vjp(
+        lambda x, *params: _pruned_mlp_reference(x, *params, eps)[0], x, *params
+    )
+    return vjp(grad_out)
+
+
+register_decomposition(torch.ops.patchslim.pruned_msa.default)(_pruned_msa_reference)
+register_decomposition(torch.ops.patchslim.pruned_mlp.default)(_pruned_mlp_reference)
+
+
+def _msa_via_functional_op(x: Tensor, n_keep: int, *args) -> None:
+    x[:, :n_keep] = torch.ops.patchslim.pruned_msa(x, n_keep, *args)[0]
+
+
+def _mlp_via_functional_op(x: Tensor, *args) -> None:
+    x.copy_(torch.ops.patchslim.pruned_mlp(x, *args)[0])
+
+
+# Functionalization would otherwise wrap the in-place ops in auto_functionalized, which
+# no decomposition reaches, and the TorchScript tracer would record a node with no
+# outputs, which the ONNX exporter (dynamo=False) drops without a word.
+_LIB = torch.library.Library("patchslim", "IMPL")
+for _key in ("Functionalize", "Tracer"):
+    _LIB.impl("pruned_msa_", _msa_via_functional_op, _key)
+    _LIB.impl("pruned_mlp_", _mlp_via_functional_op, _key)
 
 
 def pruned_msa(

@@ -5,6 +5,7 @@ The ops are not differentiable: scores are computed under ``torch.no_grad``.
 
 import torch
 from torch import Tensor
+from torch._decomp import register_decomposition
 
 
 def _check_attn(attn: Tensor) -> tuple[int, int, int, int]:
@@ -43,6 +44,43 @@ def _patch_scores_fake(s_diag: Tensor, attn: Tensor, z_in: Tensor) -> Tensor:
     batch, _, kept, tokens = _check_attn(attn)
     torch._check(kept == tokens, lambda: "attn must be block t's full map (B, H, N, N)")
     return attn.new_empty(batch, tokens)
+
+
+# References in standard torch ops, beside each op (as torchvision keeps _roi_align);
+# registered as decompositions below.
+
+
+def _score_chain_step_reference(S: Tensor, attn: Tensor, n_out: int) -> Tensor:
+    kept = attn.shape[2]
+    P = attn[..., :n_out]
+    return torch.matmul(P.transpose(-2, -1), torch.matmul(S[:, None, :kept, :kept], P)).sum(1)
+
+
+def _score_factor_step_reference(F: Tensor, attn: Tensor, n_out: int) -> Tensor:
+    batch, heads, kept, _ = attn.shape
+    G = torch.matmul(F[:, None, :, :kept], attn[..., :n_out])  # (B, H, R, n_out)
+    # Rows r·H + h, the op's order (FᵀF does not depend on it).
+    return G.transpose(1, 2).reshape(batch, F.shape[1] * heads, n_out)
+
+
+def _score_chain_diagonal_reference(state: Tensor, attn: Tensor, factored: bool) -> Tensor:
+    if factored:
+        return _score_factor_step_reference(state, attn, attn.shape[3]).square().sum(1)
+    kept = attn.shape[2]
+    return (attn * torch.matmul(state[:, None, :kept, :kept], attn)).sum((1, 2))
+
+
+def _patch_scores_reference(s_diag: Tensor, attn: Tensor, z_in: Tensor) -> Tensor:
+    return s_diag * torch.matmul(attn, z_in.abs()[:, None]).square().sum((1, 3))
+
+
+for _name, _reference in (
+    ("score_chain_step", _score_chain_step_reference),
+    ("score_factor_step", _score_factor_step_reference),
+    ("score_chain_diagonal", _score_chain_diagonal_reference),
+    ("patch_scores", _patch_scores_reference),
+):
+    register_decomposition(getattr(torch.ops.patchslim, _name).default)(_reference)
 
 
 def score_chain_step(S: Tensor, attn: Tensor, n_out: int) -> Tensor:

@@ -14,12 +14,15 @@ inline Vec<T> lanewise(Vec<T> x, Fn&& fn) {
 }
 
 // e^x: x = k·ln2 + r with |r| <= ln2/2, e^r by its degree-6 Taylor polynomial
-// (relative error below 2e-7 there), then scaled by 2^k.
+// (relative error below 2e-7 there), then scaled by 2^k. NaN stays NaN, as in
+// std::exp: x86 min/max return their second operand when either is NaN, so x goes
+// second (a NaN logit must give a NaN softmax row, not a probability of 1).
 template <typename T>
 inline Vec<T> vexp(Vec<T> x) {
   if constexpr (kFastFloat<T>) {
     using V = Vec<T>;
-    const V clamped = x.min(V::broadcast(88.3762626647949f)).max(V::broadcast(-87.3365447504019f));
+    const V clamped =
+        V::broadcast(-87.3365447504019f).max(V::broadcast(88.3762626647949f).min(x));
     const V k = (clamped * V::broadcast(1.44269504088896341f)).round();
     // ln 2 in two parts, so that k·ln2 is exact enough to subtract.
     V r = V::fma(k, V::broadcast(-0.693359375f), clamped);
