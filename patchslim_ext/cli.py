@@ -32,6 +32,7 @@ from patchslim_ext.benchmark import (
 from patchslim_ext.checkpoint import load_model, save_model
 from patchslim_ext.data import DIGITS, DIGITS_SPLITS, load_dataset
 from patchslim_ext.demo import DemoSettings, format_demo, run_demo
+from patchslim_ext.export import ONNX_DTYPES, export_onnx
 from patchslim_ext.flops import block_flops, flop_analysis, flops_of
 from patchslim_ext.ops import cpu_isa
 from patchslim_ext.scoring import SCORE_METHODS
@@ -309,6 +310,32 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_export(args: argparse.Namespace) -> int:
+    model = _load(args.checkpoint, "--checkpoint", args.num_heads)
+    export_onnx(
+        model,
+        args.out,
+        batch_size=args.batch,
+        dynamic_batch=args.dynamic_batch,
+        dtype=ONNX_DTYPES[args.dtype],
+    )
+    summary = {
+        "checkpoint": str(args.checkpoint),
+        "onnx": str(args.out),
+        "keep_counts": model.keep_counts,
+        "batch": "dynamic" if args.dynamic_batch else args.batch,
+        "dtype": args.dtype,
+        "bytes": args.out.stat().st_size,
+    }
+    slimmed = "slimmed" if model.plan is not None else "dense"
+    lines = [
+        f"{args.checkpoint} ({slimmed}) -> {args.out}: standard ONNX operators, batch "
+        f"{summary['batch']}, {args.dtype}, {summary['bytes'] / 2**20:.1f} MiB"
+    ]
+    _report(args, summary, lines)
+    return 0
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     summary = run_demo(
         args.out_dir,
@@ -576,6 +603,29 @@ def _parser() -> argparse.ArgumentParser:
     bench_cmd.add_argument("--out", type=Path, help="directory for bench.json and bench.md")
     bench_cmd.add_argument("--json", action="store_true", help="print a JSON summary on stdout")
     bench_cmd.set_defaults(handler=_cmd_bench)
+
+    export_cmd = commands.add_parser(
+        "export",
+        help="write a dense or slimmed checkpoint as an ONNX file of standard operators",
+        description="Export to ONNX through torch.export: standard operators only (our ops "
+        "decompose to their references), the plan baked in; runs in ONNX Runtime without "
+        "patchslim.",
+    )
+    export_cmd.add_argument("--checkpoint", type=Path, required=True)
+    _add_num_heads(export_cmd)
+    export_cmd.add_argument("--out", type=Path, required=True, help="the .onnx file to write")
+    export_batch = export_cmd.add_mutually_exclusive_group()
+    export_batch.add_argument(
+        "--batch", type=_positive_int, default=1, help="static batch size (default: 1)"
+    )
+    export_batch.add_argument(
+        "--dynamic-batch", action="store_true", help="a symbolic batch dimension instead"
+    )
+    export_cmd.add_argument(
+        "--dtype", choices=sorted(ONNX_DTYPES), default="float32", help="default: float32"
+    )
+    export_cmd.add_argument("--json", action="store_true", help="print a JSON summary on stdout")
+    export_cmd.set_defaults(handler=_cmd_export)
 
     demo_cmd = commands.add_parser(
         "demo",

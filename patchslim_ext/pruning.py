@@ -155,7 +155,7 @@ class PrunableViT:
                     x = block(x)
             return x, attention
         if self._permutes_tokens:
-            x = x[:, self.token_order]
+            x = x.index_select(1, self.token_order)
         in_place = not torch.is_grad_enabled()
         for index, (block, n_keep) in enumerate(
             zip(self.blocks, self.plan.keep_counts, strict=True)
@@ -172,7 +172,7 @@ class PrunableViT:
         """(B, N, C) normalised tokens in the original token order (timm's contract)."""
         tokens = self.norm(self.forward_tokens(images)[0])
         if self._permutes_tokens:
-            tokens = tokens[:, torch.argsort(self.token_order)]
+            tokens = tokens.index_select(1, torch.argsort(self.token_order))
         return tokens
 
     def forward(self, images: Tensor) -> Tensor:

@@ -20,7 +20,7 @@ def _run(*args: str) -> subprocess.CompletedProcess:
     )
 
 
-COMMANDS = ["train", "slim", "finetune", "eval", "flops", "bench", "demo", "info"]
+COMMANDS = ["train", "slim", "finetune", "eval", "flops", "bench", "export", "demo", "info"]
 
 
 @pytest.mark.parametrize("command", [[], *([c] for c in COMMANDS)])

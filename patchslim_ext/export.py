@@ -1,0 +1,99 @@
+"""Export a dense or slimmed model to ONNX: standard operators, the plan baked in.
+
+``torch.onnx.export(..., dynamo=True)`` traces the model through ``torch.export``; every
+patchslim op has its reference in standard torch ops registered as its decomposition
+(:func:`patchslim_ext.ops.decompositions`), so the file holds only standard ONNX
+operators and runs without our compiled library (ONNX Runtime, TensorRT). The plan is
+static: the token permutation is one Gather, and each block updates a prefix of the
+tokens through slices and a concatenation.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import logging
+import os
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from patchslim_ext.pruning import PrunableViT
+
+ONNX_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def export_onnx(
+    model: nn.Module,
+    path: str | os.PathLike,
+    *,
+    batch_size: int = 1,
+    dynamic_batch: bool = False,
+    dtype: torch.dtype = torch.float32,
+) -> Path:
+    """Write ``model`` (dense, or with its plan set) to ``path`` as an ONNX file.
+
+    Args:
+        model: our :class:`~patchslim_ext.vit.VisionTransformer` or a prunable timm model;
+            it is copied, not changed.
+        batch_size: the graph's batch (ignored with ``dynamic_batch``).
+        dynamic_batch: make the batch dimension symbolic.
+        dtype: the weights' and the input's dtype in the file.
+
+    The graph takes ``images`` (B, in_chans, H, W) and returns ``logits`` (B, classes).
+    The file is written to a temporary name and renamed once complete.
+    """
+    if not isinstance(model, PrunableViT):
+        raise TypeError(
+            f"export_onnx takes a VisionTransformer or a prunable timm model, got "
+            f"{type(model).__name__}"
+        )
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    config = model.config
+    device = next(model.parameters()).device
+    model = copy.deepcopy(model).eval().to(dtype)
+    # torch.export specialises a dimension of size 1, so a dynamic batch is traced at 2.
+    example_batch = max(batch_size, 2) if dynamic_batch else batch_size
+    images = torch.randn(
+        example_batch, config.in_chans, config.img_size, config.img_size, dtype=dtype, device=device
+    )
+    dynamic_shapes = {"images": {0: torch.export.Dim("batch")}} if dynamic_batch else None
+    # With autograd on, the slimmed blocks concatenate kept and passed-through rows
+    # instead of writing into a buffer in place, which ONNX would express as a scatter.
+    with torch.enable_grad(), _quiet("onnxscript"):
+        program = torch.onnx.export(
+            model,
+            (images,),
+            dynamo=True,
+            dynamic_shapes=dynamic_shapes,
+            input_names=["images"],
+            output_names=["logits"],
+            verbose=False,
+        )
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(path.name + ".partial")
+    program.save(str(partial))
+    os.replace(partial, path)
+    return path
+
+
+@contextlib.contextmanager
+def _quiet(logger_name: str) -> Iterator[None]:
+    """Silence a logger's warnings (onnxscript's optimiser logs one line per node it
+    leaves unfolded, which tells a user nothing) and torch.export's own deprecation
+    warnings, for a while."""
+    logger = logging.getLogger(logger_name)
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            # torch.export's pytree internals warn about their own deprecated API.
+            warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)
+            yield
+    finally:
+        logger.setLevel(level)
