@@ -1,0 +1,182 @@
+"""Dense vs slimmed, in every engine a user would deploy with on a CPU: eager fp32, eager
+bf16 (the model cast), torch.compile (bf16) and ONNX Runtime (fp32, from our export).
+
+One run times every cell side by side: DeiT-Ti/S/B and T2T-ViT-14 at 224×224 with the
+paper's FLOP reductions (pyramid plans, random weights), batch 32 and 1. Each cell is
+the median of ``--repeats`` timed calls (after warm-up) rotating over three batches; the
+spread (10th–90th percentile) is reported, and a cell whose spread exceeds 20% of its
+median is flagged. Results go to bench/results/deploy_cpu.{json,md}.
+
+    python bench/bench_deploy.py
+    python bench/bench_deploy.py --models deit_small_patch16_224 --batch 32 --repeats 10
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+sys.path.insert(0, str(Path(__file__).parent))
+from common import save
+
+from patchslim_ext.benchmark import PAPER_FLOP_REDUCTION, describe_machine, markdown_table
+from patchslim_ext.benchmark import pyramid_plan as make_plan
+from patchslim_ext.export import export_onnx
+from patchslim_ext.flops import flops_of
+from patchslim_ext.vit import MODEL_FACTORIES
+
+ENGINES = ("eager fp32", "eager bf16", "compile bf16", "onnxruntime fp32")
+NOISY_SPREAD = 0.2
+
+
+def _timings(forward: Callable[[Tensor], object], batches: list[Tensor], repeats: int) -> list:
+    with torch.no_grad():
+        for batch in batches:  # warm-up (and, for torch.compile, compilation)
+            forward(batch)
+        times = []
+        for index in range(repeats):
+            start = time.perf_counter()
+            forward(batches[index % len(batches)])
+            times.append(time.perf_counter() - start)
+    return times
+
+
+def _onnx_forward(model: nn.Module, batch: int, workdir: Path) -> Callable[[Tensor], object]:
+    import onnxruntime
+
+    path = export_onnx(model, workdir / f"model_{id(model)}_{batch}.onnx", batch_size=batch)
+    options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads = torch.get_num_threads()
+    session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    return lambda images: session.run(None, {"images": images.numpy()})
+
+
+def _forward(
+    engine: str, model: nn.Module, batch: int, workdir: Path
+) -> tuple[Callable[[Tensor], object], torch.dtype]:
+    if engine == "eager fp32":
+        return model, torch.float32
+    if engine == "eager bf16":
+        return copy.deepcopy(model).to(torch.bfloat16), torch.bfloat16
+    if engine == "compile bf16":
+        return torch.compile(copy.deepcopy(model).to(torch.bfloat16)), torch.bfloat16
+    if engine == "onnxruntime fp32":
+        return _onnx_forward(model, batch, workdir), torch.float32
+    raise ValueError(f"unknown engine {engine!r}; choose from {ENGINES}")
+
+
+def _cell(times: list[float]) -> dict:
+    median = statistics.median(times)
+    deciles = statistics.quantiles(times, n=10) if len(times) > 1 else [median] * 9
+    return {
+        "ms": 1e3 * median,
+        "p10_ms": 1e3 * deciles[0],
+        "p90_ms": 1e3 * deciles[-1],
+        "noisy": (deciles[-1] - deciles[0]) > NOISY_SPREAD * median,
+    }
+
+
+def run(models: list[str], batches: list[int], engines: list[str], repeats: dict) -> list[dict]:
+    rows = []
+    with tempfile.TemporaryDirectory() as workdir:
+        for name in models:
+            torch.manual_seed(0)
+            dense = MODEL_FACTORIES[name]().eval()
+            plan = make_plan(dense.config, PAPER_FLOP_REDUCTION[name])
+            slimmed = copy.deepcopy(dense).set_plan(plan)
+            config = dense.config
+            reduction = 1 - flops_of(config, plan.keep_counts) / flops_of(config)
+            for batch in batches:
+                generator = torch.Generator().manual_seed(batch)
+                images = [
+                    torch.randn(batch, 3, config.img_size, config.img_size, generator=generator)
+                    for _ in range(3)
+                ]
+                for engine in engines:
+                    row = {"model": name, "batch": batch, "engine": engine}
+                    row["flop_reduction"] = reduction
+                    for variant, model in (("dense", dense), ("slim", slimmed)):
+                        print(f"{name} batch {batch} {engine} {variant}", file=sys.stderr)
+                        forward, dtype = _forward(engine, model, batch, Path(workdir))
+                        inputs = [x.to(dtype) for x in images]
+                        cell = _cell(_timings(forward, inputs, repeats[batch]))
+                        row.update({f"{variant}_{key}": value for key, value in cell.items()})
+                    row["time_reduction"] = 1 - row["slim_ms"] / row["dense_ms"]
+                    row["ratio"] = row["time_reduction"] / reduction
+                    rows.append(row)
+    return rows
+
+
+def summary(rows: list[dict]) -> list[list[str]]:
+    """Per model and batch: the fastest dense and the fastest slimmed engine."""
+    lines = []
+    for key in sorted({(row["model"], row["batch"]) for row in rows}):
+        group = [row for row in rows if (row["model"], row["batch"]) == key]
+        best_dense = min(group, key=lambda row: row["dense_ms"])
+        best_slim = min(group, key=lambda row: row["slim_ms"])
+        gain = 1 - best_slim["slim_ms"] / best_dense["dense_ms"]
+        lines.append(
+            [
+                key[0],
+                str(key[1]),
+                f"{best_dense['engine']} {best_dense['dense_ms']:.1f}",
+                f"{best_slim['engine']} {best_slim['slim_ms']:.1f}",
+                f"{100 * gain:.1f}%",
+                f"{100 * best_slim['flop_reduction']:.1f}%",
+                f"{gain / best_slim['flop_reduction']:.2f}",
+            ]
+        )
+    return lines
+
+
+def _ms(row: dict, variant: str) -> str:
+    flag = " (noisy)" if row[f"{variant}_noisy"] else ""
+    low, high = row[f"{variant}_p10_ms"], row[f"{variant}_p90_ms"]
+    return f"{row[f'{variant}_ms']:.1f} [{low:.1f}–{high:.1f}]{flag}"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="+", default=sorted(PAPER_FLOP_REDUCTION))
+    parser.add_argument("--batch", type=int, nargs="+", default=[32, 1])
+    parser.add_argument("--engines", nargs="+", default=list(ENGINES), choices=ENGINES)
+    parser.add_argument("--repeats", type=int, default=10, help="timed calls at batch > 1")
+    parser.add_argument("--repeats-batch-1", type=int, default=30, help="timed calls at batch 1")
+    parser.add_argument("--name", default="deploy_cpu", help="results file name")
+    args = parser.parse_args()
+    repeats = {batch: args.repeats_batch_1 if batch == 1 else args.repeats for batch in args.batch}
+    rows = run(args.models, args.batch, args.engines, repeats)
+    table = markdown_table(
+        ("model", "batch", "engine", "FLOPs ↓", "dense ms [p10–p90]", "slim ms [p10–p90]",
+         "time ↓", "ratio"),
+        [
+            [row["model"], str(row["batch"]), row["engine"], f"{100 * row['flop_reduction']:.1f}%",
+             _ms(row, "dense"), _ms(row, "slim"), f"{100 * row['time_reduction']:.1f}%",
+             f"{row['ratio']:.2f}"]
+            for row in rows
+        ],
+    )  # fmt: skip
+    best = markdown_table(
+        ("model", "batch", "fastest dense (ms)", "fastest slim (ms)", "time ↓", "FLOPs ↓",
+         "ratio"),
+        summary(rows),
+    )  # fmt: skip
+    header = (
+        f"Deployment engines, dense vs slimmed, CPU, medians of {args.repeats} (batch > 1) / "
+        f"{args.repeats_batch_1} (batch 1) calls, on {describe_machine('cpu')}; random weights"
+    )
+    path = save(args.name, rows, f"{table}\n\nFastest engine each:\n\n{best}", header)
+    print(f"\n{header}\n\n{table}\n\n{best}\n\nsaved {path} and .json")
+
+
+if __name__ == "__main__":
+    main()
