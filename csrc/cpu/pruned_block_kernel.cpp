@@ -65,33 +65,35 @@ struct CpuBlock {
 
   static void softmax_backward_(const at::Tensor& grad, const at::Tensor& probs, double scale) {
     TORCH_INTERNAL_ASSERT(grad.is_contiguous() && probs.is_contiguous());
-    AT_DISPATCH_FLOATING_TYPES(grad.scalar_type(), "softmax_backward_cpu", [&] {
-      const SoftmaxBackwardArgs<scalar_t> args{
-          rows_of(probs.const_data_ptr<scalar_t>(), probs),
-          rows_of(grad.mutable_data_ptr<scalar_t>(), grad), grad.size(-1),
-          static_cast<scalar_t>(scale)};
-      for_rows(grad, args, kernels_for<scalar_t>(checked_cpu_isa()).softmax_backward);
+    PATCHSLIM_DISPATCH_CPU(grad.scalar_type(), "softmax_backward_cpu", [&] {
+      using K = kernel_t<scalar_t>;
+      const SoftmaxBackwardArgs<K> args{rows_of(data_of<scalar_t>(probs), probs),
+                                        rows_of(mutable_data_of<scalar_t>(grad), grad),
+                                        grad.size(-1), static_cast<acc_t<K>>(scale)};
+      for_rows(grad, args, kernels_for<K>(checked_cpu_isa()).softmax_backward);
     });
   }
 
   static void bias_gelu_(const at::Tensor& hidden, const at::Tensor& bias) {
     const auto b = bias.contiguous();
-    AT_DISPATCH_FLOATING_TYPES(hidden.scalar_type(), "bias_gelu_cpu", [&] {
-      const BiasGeluArgs<scalar_t> args{rows_of(hidden.mutable_data_ptr<scalar_t>(), hidden),
-                                        b.const_data_ptr<scalar_t>(), hidden.size(-1)};
-      for_rows(hidden, args, kernels_for<scalar_t>(checked_cpu_isa()).bias_gelu);
+    PATCHSLIM_DISPATCH_CPU(hidden.scalar_type(), "bias_gelu_cpu", [&] {
+      using K = kernel_t<scalar_t>;
+      const BiasGeluArgs<K> args{rows_of(mutable_data_of<scalar_t>(hidden), hidden),
+                                 data_of<scalar_t>(b), hidden.size(-1)};
+      for_rows(hidden, args, kernels_for<K>(checked_cpu_isa()).bias_gelu);
     });
   }
 
   static void bias_gelu_backward_(const at::Tensor& grad, const at::Tensor& pre,
                                   const at::Tensor& bias) {
     const auto b = bias.contiguous();
-    AT_DISPATCH_FLOATING_TYPES(grad.scalar_type(), "bias_gelu_backward_cpu", [&] {
-      const BiasGeluBackwardArgs<scalar_t> args{rows_of(pre.const_data_ptr<scalar_t>(), pre),
-                                                b.const_data_ptr<scalar_t>(),
-                                                rows_of(grad.mutable_data_ptr<scalar_t>(), grad),
-                                                grad.size(-1)};
-      for_rows(grad, args, kernels_for<scalar_t>(checked_cpu_isa()).bias_gelu_backward);
+    PATCHSLIM_DISPATCH_CPU(grad.scalar_type(), "bias_gelu_backward_cpu", [&] {
+      using K = kernel_t<scalar_t>;
+      const BiasGeluBackwardArgs<K> args{rows_of(data_of<scalar_t>(pre), pre),
+                                         data_of<scalar_t>(b),
+                                         rows_of(mutable_data_of<scalar_t>(grad), grad),
+                                         grad.size(-1)};
+      for_rows(grad, args, kernels_for<K>(checked_cpu_isa()).bias_gelu_backward);
     });
   }
 
@@ -110,28 +112,31 @@ struct CpuBlock {
     if (context.numel() == 0) return {context, probs};
     const int64_t threads = at::get_num_threads();
     const int64_t scratch_size = (d + kAttentionRows) * N;
-    auto scratch = at::empty({threads, scratch_size}, q.options());
-    AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "attention_cpu", [&] {
-      AttentionArgs<scalar_t> args{q.const_data_ptr<scalar_t>(),
-                                   k.const_data_ptr<scalar_t>(),
-                                   v.const_data_ptr<scalar_t>(),
-                                   out.mutable_data_ptr<scalar_t>(),
-                                   want_probs ? probs.mutable_data_ptr<scalar_t>() : nullptr,
-                                   {},
-                                   {},
-                                   {},
-                                   {},
-                                   H,
-                                   n,
-                                   N,
-                                   d,
-                                   static_cast<scalar_t>(scale)};
+    auto scratch =
+        at::empty({threads, scratch_size}, q.options().dtype(accumulate_dtype(q.scalar_type())));
+    PATCHSLIM_DISPATCH_CPU(q.scalar_type(), "attention_cpu", [&] {
+      using K = kernel_t<scalar_t>;
+      using A = acc_t<K>;
+      AttentionArgs<K> args{data_of<scalar_t>(q),
+                            data_of<scalar_t>(k),
+                            data_of<scalar_t>(v),
+                            mutable_data_of<scalar_t>(out),
+                            want_probs ? mutable_data_of<scalar_t>(probs) : nullptr,
+                            {},
+                            {},
+                            {},
+                            {},
+                            H,
+                            n,
+                            N,
+                            d,
+                            static_cast<A>(scale)};
       head_strides(q, args.q_strides);
       head_strides(k, args.k_strides);
       head_strides(v, args.v_strides);
       head_strides(out, args.out_strides);
-      const auto kernel = kernels_for<scalar_t>(checked_cpu_isa()).attention;
-      scalar_t* scratch_data = scratch.mutable_data_ptr<scalar_t>();
+      const auto kernel = kernels_for<K>(checked_cpu_isa()).attention;
+      A* scratch_data = scratch.mutable_data_ptr<A>();
       at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
         kernel(args, begin, end, scratch_data + at::get_thread_num() * scratch_size);
       });
@@ -144,12 +149,12 @@ struct CpuBlock {
     TORCH_INTERNAL_ASSERT(out.dim() == 3 && residual.dim() == 3);
     const auto b = bias.contiguous();
     const auto res = residual.stride(2) == 1 ? residual : residual.contiguous();
-    AT_DISPATCH_FLOATING_TYPES(out.scalar_type(), "bias_residual_cpu", [&] {
-      const BiasResidualArgs<scalar_t> args{rows_of(out.mutable_data_ptr<scalar_t>(), out),
-                                            b.const_data_ptr<scalar_t>(),
-                                            rows_of(res.const_data_ptr<scalar_t>(), res),
-                                            out.size(-1)};
-      for_rows(out, args, kernels_for<scalar_t>(checked_cpu_isa()).bias_residual);
+    PATCHSLIM_DISPATCH_CPU(out.scalar_type(), "bias_residual_cpu", [&] {
+      using K = kernel_t<scalar_t>;
+      const BiasResidualArgs<K> args{rows_of(mutable_data_of<scalar_t>(out), out),
+                                     data_of<scalar_t>(b),
+                                     rows_of(data_of<scalar_t>(res), res), out.size(-1)};
+      for_rows(out, args, kernels_for<K>(checked_cpu_isa()).bias_residual);
     });
   }
 };
