@@ -166,7 +166,8 @@ struct CpuKernels {
   void (*bias_gelu)(const BiasGeluArgs<T>&, int64_t begin, int64_t end);
   void (*bias_gelu_backward)(const BiasGeluBackwardArgs<T>&, int64_t begin, int64_t end);
   void (*bias_residual)(const BiasResidualArgs<T>&, int64_t begin, int64_t end);
-  // (image, head) pairs [begin, end); scratch as kAttentionRows says.
+  // (image, head) pairs [begin, end); scratch as kAttentionRows says. Float and
+  // double only (nullptr otherwise): 16-bit types use ATen's attention.
   void (*attention)(const AttentionArgs<T>&, int64_t begin, int64_t end, acc_t<T>* scratch);
 };
 

@@ -5,7 +5,10 @@
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/_softmax.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/matmul.h>
+#include <ATen/ops/scaled_dot_product_attention.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -100,6 +103,18 @@ struct CpuBlock {
   static std::tuple<at::Tensor, at::Tensor> attention(const at::Tensor& q, const at::Tensor& k,
                                                       const at::Tensor& v, double scale,
                                                       bool want_probs) {
+    if (at::isReducedFloatingType(q.scalar_type())) {
+      // bfloat16/float16: oneDNN's GEMMs (AMX where the CPU has it) and ATen's softmax,
+      // or its flash attention when no probabilities are wanted, beat the fused kernel,
+      // whose broadcast FMAs run in float32 (bench/results/pruned_block_cpu.md).
+      if (!want_probs) {
+        return {block::merge_heads(at::scaled_dot_product_attention(q, k, v, {}, 0.0, false,
+                                                                    scale)),
+                at::Tensor()};
+      }
+      auto probs = at::_softmax(at::matmul(q, k.transpose(-2, -1)).mul_(scale), -1, false);
+      return {block::merge_heads(at::matmul(probs, v)), probs};
+    }
     const int64_t B = q.size(0);
     const int64_t H = q.size(1);
     const int64_t n = q.size(2);
@@ -112,31 +127,28 @@ struct CpuBlock {
     if (context.numel() == 0) return {context, probs};
     const int64_t threads = at::get_num_threads();
     const int64_t scratch_size = (d + kAttentionRows) * N;
-    auto scratch =
-        at::empty({threads, scratch_size}, q.options().dtype(accumulate_dtype(q.scalar_type())));
-    PATCHSLIM_DISPATCH_CPU(q.scalar_type(), "attention_cpu", [&] {
-      using K = kernel_t<scalar_t>;
-      using A = acc_t<K>;
-      AttentionArgs<K> args{data_of<scalar_t>(q),
-                            data_of<scalar_t>(k),
-                            data_of<scalar_t>(v),
-                            mutable_data_of<scalar_t>(out),
-                            want_probs ? mutable_data_of<scalar_t>(probs) : nullptr,
-                            {},
-                            {},
-                            {},
-                            {},
-                            H,
-                            n,
-                            N,
-                            d,
-                            static_cast<A>(scale)};
+    auto scratch = at::empty({threads, scratch_size}, q.options());
+    AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "attention_cpu", [&] {
+      AttentionArgs<scalar_t> args{q.const_data_ptr<scalar_t>(),
+                                   k.const_data_ptr<scalar_t>(),
+                                   v.const_data_ptr<scalar_t>(),
+                                   out.mutable_data_ptr<scalar_t>(),
+                                   want_probs ? probs.mutable_data_ptr<scalar_t>() : nullptr,
+                                   {},
+                                   {},
+                                   {},
+                                   {},
+                                   H,
+                                   n,
+                                   N,
+                                   d,
+                                   static_cast<scalar_t>(scale)};
       head_strides(q, args.q_strides);
       head_strides(k, args.k_strides);
       head_strides(v, args.v_strides);
       head_strides(out, args.out_strides);
-      const auto kernel = kernels_for<K>(checked_cpu_isa()).attention;
-      A* scratch_data = scratch.mutable_data_ptr<A>();
+      const auto kernel = kernels_for<scalar_t>(checked_cpu_isa()).attention;
+      scalar_t* scratch_data = scratch.mutable_data_ptr<scalar_t>();
       at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
         kernel(args, begin, end, scratch_data + at::get_thread_num() * scratch_size);
       });
