@@ -1,18 +1,23 @@
 """Pruned blocks: patchslim's ops against plain torch (whole models: bench_models.py).
 
-Per block (N=197, DeiT-Ti/S/B widths), updating the first n of N tokens:
-  ours       patchslim.pruned_msa + pruned_mlp (fused LN, softmax, bias+GELU, residual)
-  (a) prefix the same prefix maths from torch ops: slices, F.linear, SDPA
+Per block (N=197, DeiT-Ti/S/B widths), updating the first n of N tokens, per dtype:
+  ours       patchslim.pruned_msa + pruned_mlp (returning the attention probabilities)
+  ours_      pruned_msa_ + pruned_mlp_ in place (no probabilities; PrunedViT's no_grad path)
+  reference  the ops' references beside them (patchslim_ext.ops.pruned_block): plain torch
+             with an explicit softmax, as the probabilities are returned
+  (a) prefix the same prefix maths from torch ops with SDPA (no probabilities)
   (b) gather the gather -> SDPA -> scatter formulation of token-pruning code
   (c) dense  the unpruned block
-Forward under no_grad, and forward+backward (ours and (a)).
+Forward under no_grad, and forward+backward (ours and the reference). The result files
+record the machine's load average before and after: run it on a quiet machine.
 
-    python bench/bench_pruned_block.py [--device cpu|cuda] [--dtype float32|bfloat16]
+    python bench/bench_pruned_block.py [--device cpu|cuda] [--dtypes float32 bfloat16]
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from functools import partial
 from pathlib import Path
@@ -30,6 +35,7 @@ from patchslim_ext.benchmark import (
     split_heads,
     torch_pruned_block_rows,
 )
+from patchslim_ext.ops.pruned_block import _pruned_mlp_reference, _pruned_msa_reference
 from patchslim_ext.pruned import _mlp_args, _msa_args
 from patchslim_ext.vit import Block
 
@@ -63,9 +69,31 @@ def ours(block: Block, x, n):
     return ps.ops.pruned_mlp(kept, *_mlp_args(block))
 
 
+def ours_in_place(block: Block, x, n):
+    """The in-place ops on a copy of x (the copy is part of the time: < 1% here)."""
+    x = x.clone()
+    torch.ops.patchslim.pruned_msa_(x, n, block.attn.num_heads, *_msa_args(block))
+    torch.ops.patchslim.pruned_mlp_(x[:, :n], *_mlp_args(block))
+    return x
+
+
+def reference(block: Block, x, n):
+    kept, _ = _pruned_msa_reference(x, n, block.attn.num_heads, *_msa_args(block))[:2]
+    return _pruned_mlp_reference(kept, *_mlp_args(block))[0]
+
+
 def backward(fn, block, x, arg):
     out = fn(block, x, arg)
     torch.autograd.grad(out, [x, *block.parameters()], torch.ones_like(out))
+
+
+FORWARD = {
+    "ours": ours,
+    "ours_": ours_in_place,
+    "reference": reference,
+    "prefix": torch_prefix,
+    "dense": lambda block, x, n: block(x),
+}
 
 
 def block_rows(args, device, dtype):
@@ -79,22 +107,20 @@ def block_rows(args, device, dtype):
             index = torch.randperm(TOKENS, generator=gen)[:n].sort().values.to(device)
             with torch.no_grad():
                 times = {
-                    "ours": median_seconds(partial(ours, block, x, n), args.min_run_time),
-                    "prefix": median_seconds(partial(torch_prefix, block, x, n), args.min_run_time),
-                    "gather": median_seconds(
-                        partial(torch_gather, block, x, index), args.min_run_time
-                    ),
-                    "dense": median_seconds(partial(block, x), args.min_run_time),
+                    name: median_seconds(partial(fn, block, x, n), args.min_run_time)
+                    for name, fn in FORWARD.items()
                 }
+                times["gather"] = median_seconds(
+                    partial(torch_gather, block, x, index), args.min_run_time
+                )
             xg = x.detach().requires_grad_()
-            times["ours_bwd"] = median_seconds(
-                partial(backward, ours, block, xg, n), args.min_run_time
-            )
-            times["prefix_bwd"] = median_seconds(
-                partial(backward, torch_prefix, block, xg, n), args.min_run_time
-            )
+            for name in ("ours", "reference"):
+                times[f"{name}_bwd"] = median_seconds(
+                    partial(backward, FORWARD[name], block, xg, n), args.min_run_time
+                )
             record = {
                 "model": model,
+                "dtype": str(dtype).removeprefix("torch."),
                 "batch": args.batch,
                 "n_keep": n,
                 "keep_ratio": n / TOKENS,
@@ -104,47 +130,73 @@ def block_rows(args, device, dtype):
             rows.append(
                 [
                     model,
+                    record["dtype"],
                     f"{n} ({100 * n / TOKENS:.0f}%)",
-                    *(f"{times[k] * 1e3:.2f}" for k in ("ours", "prefix", "gather", "dense")),
-                    f"{times['prefix'] / times['ours']:.2f}x",
+                    *(
+                        f"{times[k] * 1e3:.2f}"
+                        for k in ("ours", "reference", "ours_", "prefix", "gather", "dense")
+                    ),
+                    f"{times['reference'] / times['ours']:.2f}x",
+                    f"{times['prefix'] / times['ours_']:.2f}x",
                     f"{times['ours_bwd'] * 1e3:.1f}",
-                    f"{times['prefix_bwd'] * 1e3:.1f}",
-                    f"{times['prefix_bwd'] / times['ours_bwd']:.2f}x",
+                    f"{times['reference_bwd'] * 1e3:.1f}",
+                    f"{times['reference_bwd'] / times['ours_bwd']:.2f}x",
                 ]
             )
             print(" | ".join(rows[-1]), flush=True)
-    headers = [
-        "model",
-        "n kept",
-        "ours ms",
-        "(a) prefix ms",
-        "(b) gather ms",
-        "(c) dense ms",
-        "fwd speedup vs (a)",
-        "ours fwd+bwd ms",
-        "(a) fwd+bwd ms",
-        "fwd+bwd speedup",
-    ]
-    return records, markdown_table(headers, rows)
+    return records, rows
+
+
+HEADERS = [
+    "model",
+    "dtype",
+    "n kept",
+    "ours ms",
+    "reference ms",
+    "ours in place ms",
+    "(a) prefix SDPA ms",
+    "(b) gather ms",
+    "(c) dense ms",
+    "ours vs reference",
+    "in place vs (a)",
+    "ours fwd+bwd ms",
+    "reference fwd+bwd ms",
+    "fwd+bwd speedup",
+]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--dtype", default=None, help="default: float32 on CPU, bfloat16 on CUDA")
+    parser.add_argument(
+        "--dtypes", nargs="+", default=None, help="default: float32 bfloat16 (CPU), bfloat16 (CUDA)"
+    )
     parser.add_argument(
         "--batch", type=int, default=None, help="per-block batch (16 CPU, 256 CUDA)"
     )
-    parser.add_argument("--ratios", type=float, nargs="+", default=[1.0, 0.5, 0.25, 0.0])
+    parser.add_argument("--ratios", type=float, nargs="+", default=[1.0, 0.5, 0.25])
     parser.add_argument("--min-run-time", type=float, default=1.0)
     args = parser.parse_args()
     cuda = args.device == "cuda"
-    dtype = getattr(torch, args.dtype or ("bfloat16" if cuda else "float32"))
+    dtypes = args.dtypes or (["bfloat16"] if cuda else ["float32", "bfloat16"])
     args.batch = args.batch or (256 if cuda else 16)
 
-    records, table = block_rows(args, args.device, dtype)
-    where = f"{args.device} {dtype}, on {describe_machine(args.device)}"
-    header = f"Pruned blocks (batch {args.batch}, N={TOKENS}), {where}; random weights"
+    load_before = os.getloadavg()
+    records, rows = [], []
+    for dtype in dtypes:
+        dtype_records, dtype_rows = block_rows(args, args.device, getattr(torch, dtype))
+        records += dtype_records
+        rows += dtype_rows
+    load_after = os.getloadavg()
+    load = (
+        f"1/5/15-min load average {'/'.join(f'{v:.2f}' for v in load_before)} before, "
+        f"{'/'.join(f'{v:.2f}' for v in load_after)} after, on {os.cpu_count()} CPUs"
+    )
+    for record in records:
+        record["load_average_before"], record["load_average_after"] = load_before, load_after
+    table = markdown_table(HEADERS, rows)
+    where = f"{args.device}, on {describe_machine(args.device)}"
+    header = f"Pruned blocks (batch {args.batch}, N={TOKENS}), {where}; random weights; {load}"
     path = save(f"pruned_block_{args.device}", records, table, header)
     print(f"\n{header}\n\n{table}\n\nsaved {path} and .json")
 

@@ -1,5 +1,6 @@
 """Kernel benchmarks under pytest-benchmark: one pruned block (ours vs the same maths
-from plain torch ops) and one Eq. 13 scoring chain, over a grid of shapes.
+from plain torch ops) in float32 and bfloat16, and one Eq. 13 scoring chain, over a grid
+of shapes.
 
     pytest bench/test_kernels.py --benchmark-only --benchmark-group-by=param:shape
 """
@@ -21,13 +22,14 @@ SHAPES = [(model, batch, kept) for model in WIDTHS for batch in (1, 16) for kept
 
 
 @pytest.mark.parametrize("implementation", ["patchslim", "torch"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s[0]}-b{s[1]}-n{s[2]}")
-def test_pruned_block(benchmark, shape, implementation):
+def test_pruned_block(benchmark, shape, dtype, implementation):
     model, batch, kept = shape
     channels, heads = WIDTHS[model]
     torch.manual_seed(0)
-    block = Block(channels, heads, 4 * channels).eval()
-    x = torch.randn(batch, 197, channels)
+    block = Block(channels, heads, 4 * channels).eval().to(dtype)
+    x = torch.randn(batch, 197, channels, dtype=dtype)
     if implementation == "patchslim":
         run = lambda: pruned_block_rows(block, x, kept, heads)  # noqa: E731
     else:

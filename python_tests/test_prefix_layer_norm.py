@@ -32,7 +32,7 @@ def _reference(x, n_rows, w, b):
 
 def _dtypes(device):
     return (
-        [torch.float32, torch.float64]
+        [torch.float32, torch.float64, torch.bfloat16, torch.float16]
         if device == "cpu"
         else [torch.float32, torch.float16, torch.bfloat16]
     )
@@ -168,7 +168,14 @@ def test_torch_compile_fullgraph():
         (lambda x, w, b: (x, 1, w[:3], b), r"weight must have shape \(C,\) = \(8,\)"),
         (lambda x, w, b: (x, 1, w, b[None]), r"bias must have shape \(C,\) = \(8,\)"),
         (lambda x, w, b: (x, 1, w.double(), b), "weight and bias must have the input's dtype"),
-        (lambda x, w, b: (x.half(), 1, w.half(), b.half()), "CPU supports float32 and float64"),
+        (
+            lambda x, w, b: (
+                x.to(torch.float8_e4m3fn),
+                1,
+                *(t.to(torch.float8_e4m3fn) for t in (w, b)),
+            ),
+            "CPU supports float32, float64, bfloat16 and float16",
+        ),
     ],
 )
 def test_bad_inputs_name_the_argument(args, message):
@@ -196,7 +203,9 @@ def test_bad_backward_inputs_name_the_argument():
     tokens=st.integers(1, 9),
     channels=st.integers(1, 40),
     n_rows=st.integers(-2, 11),
-    dtype=st.sampled_from([torch.float32, torch.float64, torch.float16, torch.int64]),
+    dtype=st.sampled_from(
+        [torch.float32, torch.float64, torch.bfloat16, torch.float16, torch.int64]
+    ),
     weight_len=st.integers(0, 41),
     transpose=st.booleans(),
 )
@@ -207,15 +216,14 @@ def test_fuzz_never_crashes(batch, tokens, channels, n_rows, dtype, weight_len, 
         x = x.transpose(0, 1).contiguous().transpose(0, 1)
     w = torch.randn(weight_len).to(dtype)
     b = torch.randn(weight_len).to(dtype)
-    valid = (
-        0 <= n_rows <= tokens and weight_len == channels and dtype in (torch.float32, torch.float64)
-    )
+    valid = 0 <= n_rows <= tokens and weight_len == channels and dtype.is_floating_point
     if not valid:
         with pytest.raises(RuntimeError):
             torch.ops.patchslim.prefix_layer_norm(x, n_rows, w, b, EPS)
         return
     out = prefix_layer_norm(x, n_rows, w, b, EPS)
-    torch.testing.assert_close(out, _reference(x, n_rows, w, b), rtol=1e-4, atol=1e-4)
+    tol = {torch.bfloat16: 3e-2, torch.float16: 4e-3}.get(dtype, 1e-4)
+    torch.testing.assert_close(out, _reference(x, n_rows, w, b), rtol=tol, atol=tol)
 
 
 @pytest.mark.parametrize("device", cpu_and_cuda())
@@ -268,3 +276,23 @@ def test_export_decomposes_the_op():
     program = torch.export.export(Norm(), args).run_decompositions(decompositions())
     assert not [n for n in program.graph.nodes if "patchslim" in str(n.target)]
     torch.testing.assert_close(program.module()(*args), Norm()(*args))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_gradients_within_twice_plain_torch(dtype, cpu_isa_env):
+    """Backward in bfloat16/float16 on CPU: every gradient's error against float32 is at
+    most twice that of F.layer_norm's backward at that dtype."""
+    for isa in cpu_isas():
+        cpu_isa_env(isa)
+        low = [t.to(dtype).requires_grad_() for t in _inputs(3, 11, 77, seed=5)]
+        grad_out = torch.randn(3, 6, 77).to(dtype)
+        ours = torch.autograd.grad(prefix_layer_norm(*low[:1], 6, *low[1:], EPS), low, grad_out)
+        plain = torch.autograd.grad(_reference(low[0], 6, *low[1:]), low, grad_out)
+        wide = [t.detach().float().requires_grad_() for t in low]
+        want = torch.autograd.grad(_reference(wide[0], 6, *wide[1:]), wide, grad_out.float())
+        for got, torch_got, ref in zip(ours, plain, want, strict=True):
+            assert got.dtype == dtype
+            our_error = (got.float() - ref).abs().max().item()
+            torch_error = (torch_got.float() - ref).abs().max().item()
+            floor = torch.finfo(dtype).eps * ref.abs().max().item()
+            assert our_error <= max(2 * torch_error, floor), (isa, our_error, torch_error)

@@ -117,8 +117,10 @@ def test_in_place_ops_touch_only_the_prefix():
             "proj_bias must have x's dtype",
         ),
         (
-            lambda x, a, m: pruned_msa(x.half(), 2, 3, *(t.half() for t in a)),
-            "CPU supports float32 and float64",
+            lambda x, a, m: pruned_msa(
+                x.to(torch.float8_e4m3fn), 2, 3, *(t.to(torch.float8_e4m3fn) for t in a)
+            ),
+            "CPU supports float32, float64, bfloat16 and float16",
         ),
         (
             lambda x, a, m: pruned_mlp(x, m[0], m[1], m[2], m[3][:3], m[4], m[5]),
@@ -612,3 +614,141 @@ def test_backward_ops_accept_any_strides():
         grad_msa, expanded.contiguous(), x, 4, 3, *msa, EPS, attn, q, kv, context
     )
     _assert_all_close(got, want, torch.float64, "expanded grad_attn")
+
+
+# Low precision on CPU: bfloat16/float16 storage, float32 accumulation.
+
+
+def _assert_within_twice_plain_torch(ours, plain, want, msg):
+    """Each of ours is at most twice as far from the float32 result as plain torch's
+    (a floor of one epsilon of the result's scale where torch happens to be exact)."""
+    for index, (got, torch_got, ref) in enumerate(zip(ours, plain, want, strict=True)):
+        our_error = (got.float() - ref.float()).abs().max().item()
+        torch_error = (torch_got.float() - ref.float()).abs().max().item()
+        floor = torch.finfo(got.dtype).eps * ref.abs().max().item()
+        assert our_error <= max(2 * torch_error, floor), (
+            f"{msg}[{index}]: error {our_error:.3g} > 2 x plain torch's {torch_error:.3g}"
+        )
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_within_twice_plain_torch(dtype, cpu_isa_env):
+    x, msa, mlp = _block_inputs(torch.float32, tokens=29, channels=48, hidden=96, seed=21)
+    x, msa, mlp = x.to(dtype), [t.to(dtype) for t in msa], [t.to(dtype) for t in mlp]
+    for isa in cpu_isas():
+        cpu_isa_env(isa)
+        for _, params, scale in _msa_variants(msa, 48, 3):
+            args = (x, 13, 3, *params, EPS, scale)
+            want = _pruned_msa_reference(*(a.float() if torch.is_tensor(a) else a for a in args))
+            ours = torch.ops.patchslim.pruned_msa(*args)
+            assert all(t.dtype == dtype for t in ours)
+            _assert_within_twice_plain_torch(ours, _pruned_msa_reference(*args), want, isa)
+            updated = x.clone()
+            torch.ops.patchslim.pruned_msa_(updated, *args[1:])
+            plain = x.clone()
+            _pruned_msa_inplace_reference(plain, *args[1:])
+            _assert_within_twice_plain_torch(
+                [updated[:, :13]], [plain[:, :13]], want[:1], f"{isa} msa_"
+            )
+        kept = x[:, :13]
+        want = _pruned_mlp_reference(kept.float(), *(t.float() for t in mlp), EPS)
+        ours = torch.ops.patchslim.pruned_mlp(kept, *mlp, EPS)
+        _assert_within_twice_plain_torch(ours, _pruned_mlp_reference(kept, *mlp, EPS), want, isa)
+        updated, plain = kept.clone(), kept.clone()
+        torch.ops.patchslim.pruned_mlp_(updated, *mlp, EPS)
+        _pruned_mlp_inplace_reference(plain, *mlp, EPS)
+        _assert_within_twice_plain_torch([updated], [plain], want[:1], f"{isa} mlp_")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_gradients_within_twice_plain_torch(dtype):
+    """The backward ops in bfloat16/float16 (through autograd), every gradient."""
+    x, msa, mlp = _block_inputs(torch.float32, tokens=29, channels=48, hidden=96, seed=22)
+    low = [t.to(dtype).requires_grad_() for t in (x, *msa, *mlp)]
+    wide = [t.detach().float().requires_grad_() for t in low]
+    grad_out = torch.randn(2, 13, 48)
+    grad_attn = torch.randn(2, 3, 13, 29)
+
+    def block(leaves, msa_fn, mlp_fn):
+        out, attn = msa_fn(leaves[0], leaves[1:7])
+        out = mlp_fn(out, leaves[7:])
+        cotangents = (grad_out.to(out.dtype), grad_attn.to(out.dtype))
+        return torch.autograd.grad((out, attn), leaves, cotangents)
+
+    def ours_msa(x, p):
+        return pruned_msa(x, 13, 3, *p)
+
+    def reference_msa(x, p):
+        return _pruned_msa_reference(x, 13, 3, *p, EPS)[:2]
+
+    def ours_mlp(x, p):
+        return pruned_mlp(x, *p)
+
+    def reference_mlp(x, p):
+        return _pruned_mlp_reference(x, *p, EPS)[0]
+
+    ours = block(low, ours_msa, ours_mlp)
+    plain = block(low, reference_msa, reference_mlp)
+    want = block(wide, reference_msa, reference_mlp)
+    assert all(g.dtype == dtype for g in ours)
+    _assert_within_twice_plain_torch(ours, plain, want, "grad")
+
+
+def test_autocast_forward_and_backward():
+    """The ops under torch.autocast("cpu", bfloat16) with float32 weights: the block ops
+    run in bfloat16, prefix_layer_norm in float32 (as autocast runs layer_norm), the
+    gradients reach the float32 leaves; results and gradients within twice the error of
+    the same maths in plain torch at those dtypes."""
+    x, msa, mlp = _block_inputs(torch.float32, tokens=17, channels=48, hidden=96, seed=23)
+    leaves = [t.clone().requires_grad_() for t in (x, *msa, *mlp)]
+
+    def run(leaves, msa_fn, mlp_fn, norm_fn, autocast):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            out, attn = msa_fn(leaves[0], leaves[1:7])
+            out = mlp_fn(out, leaves[7:])
+            normed = norm_fn(out, leaves[7], leaves[8])
+        loss = out.float().square().sum() + attn.float().sum() + normed.float().sum()
+        return (out, attn, normed), torch.autograd.grad(loss, leaves)
+
+    def reference_norm(x, w, b):
+        return torch.nn.functional.layer_norm(x[:, :4].float(), (48,), w.float(), b.float(), EPS)
+
+    references = (
+        lambda x, p: _pruned_msa_reference(x, 9, 3, *p, EPS)[:2],
+        lambda x, p: _pruned_mlp_reference(x, *p, EPS)[0],
+        reference_norm,
+    )
+    ours, our_grads = run(
+        leaves,
+        lambda x, p: pruned_msa(x, 9, 3, *p),
+        lambda x, p: pruned_mlp(x, *p),
+        lambda x, w, b: prefix_layer_norm(x, 4, w, b, EPS),
+        autocast=True,
+    )
+    low = [t.detach().bfloat16().requires_grad_() for t in leaves]
+    plain, plain_grads = run(low, *references, autocast=False)
+    want, want_grads = run(leaves, *references, autocast=False)
+    assert [t.dtype for t in ours] == [torch.bfloat16, torch.bfloat16, torch.float32]
+    assert all(g.dtype == torch.float32 for g in our_grads)
+    _assert_within_twice_plain_torch(ours, plain, want, "autocast forward")
+    _assert_within_twice_plain_torch(our_grads, plain_grads, want_grads, "autocast backward")
+    updated = x.clone()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        torch.ops.patchslim.pruned_msa_(updated, 9, 3, *msa, EPS)  # keeps x's float32
+    torch.testing.assert_close(updated[:, :9], _pruned_msa_reference(x, 9, 3, *msa, EPS)[0])
+
+
+def test_opcheck_bfloat16_cpu():
+    x, msa, mlp = _block_inputs(torch.bfloat16)
+    ops = torch.ops.patchslim
+    grads = [t.clone().requires_grad_() for t in (x, *msa)]
+    torch.library.opcheck(ops.pruned_msa.default, (grads[0], 4, 3, *grads[1:], EPS))
+    kept = x[:, :4].clone().requires_grad_()
+    torch.library.opcheck(
+        ops.pruned_mlp.default, (kept, *(t.clone().requires_grad_() for t in mlp), EPS)
+    )
+    torch.library.opcheck(ops.pruned_msa_.default, (x.clone(), 4, 3, *msa, EPS))
+    torch.library.opcheck(ops.pruned_mlp_.default, (x.clone(), *mlp, EPS))
+    torch.library.opcheck(
+        ops.prefix_layer_norm.default, (x.clone().requires_grad_(), 3, msa[0], msa[1], EPS)
+    )

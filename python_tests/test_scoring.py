@@ -335,7 +335,10 @@ def test_compiled_chain_fullgraph():
             lambda S, F, a, f, z, d: patch_scores(d, f, z[:, :3]),
             r"z_in must have shape \(B, N, C\)",
         ),
-        (lambda S, F, a, f, z, d: patch_scores(d, f.half(), z), "CPU supports float32 and float64"),
+        (
+            lambda S, F, a, f, z, d: patch_scores(*(t.to(torch.float8_e4m3fn) for t in (d, f, z))),
+            "CPU supports float32, float64, bfloat16 and float16",
+        ),
         (
             lambda S, F, a, f, z, d: patch_scores(d, f.long(), z),
             "attn must be a floating-point tensor",
@@ -362,7 +365,9 @@ def test_ops_bad_inputs_name_the_argument(call, message):
     state_cols=st.integers(0, 8),
     n_out=st.integers(-1, 8),
     factored=st.booleans(),
-    dtype=st.sampled_from([torch.float32, torch.float64, torch.float16, torch.int32]),
+    dtype=st.sampled_from(
+        [torch.float32, torch.float64, torch.bfloat16, torch.float16, torch.int32]
+    ),
     strided=st.booleans(),
 )
 def test_fuzz_chain_ops_never_crash(
@@ -375,7 +380,7 @@ def test_fuzz_chain_ops_never_crash(
     if strided:
         state = state.transpose(1, 2).contiguous().transpose(1, 2)
     square = state_rows == state_cols
-    valid_common = kept <= tokens and state_cols >= kept and dtype in (torch.float32, torch.float64)
+    valid_common = kept <= tokens and state_cols >= kept and dtype.is_floating_point
     calls = [
         (
             lambda: score_chain_diagonal(state, attn, factored),
@@ -404,7 +409,7 @@ def test_fuzz_chain_ops_never_crash(
     rows=st.integers(0, 7),
     channels=st.integers(0, 70),
     diag_len=st.integers(0, 7),
-    dtype=st.sampled_from([torch.float32, torch.float64, torch.bfloat16]),
+    dtype=st.sampled_from([torch.float32, torch.float64, torch.bfloat16, torch.int32]),
     strided=st.booleans(),
 )
 def test_fuzz_patch_scores_never_crash(
@@ -414,14 +419,18 @@ def test_fuzz_patch_scores_never_crash(
     attn = attn[..., ::2] if strided else attn[..., :tokens]
     z_in = torch.randn(batch, tokens, channels).to(dtype)
     s_diag = torch.rand(batch, diag_len).to(dtype)
-    valid = rows == tokens and diag_len == tokens and dtype in (torch.float32, torch.float64)
+    valid = rows == tokens and diag_len == tokens and dtype.is_floating_point
     if not valid:
         with pytest.raises(RuntimeError):
             patch_scores(s_diag, attn, z_in)
         return
     want = _patch_scores_reference(s_diag.double(), attn.double(), z_in.double())
+    tol = 3e-2 if dtype == torch.bfloat16 else 1e-4
     torch.testing.assert_close(
-        patch_scores(s_diag, attn, z_in).double(), want, rtol=1e-4, atol=1e-5
+        patch_scores(s_diag, attn, z_in).double(),
+        want,
+        rtol=tol,
+        atol=tol * max(1.0, want.abs().max().item()) if want.numel() else tol,
     )
 
 
@@ -500,3 +509,32 @@ def test_export_decomposes_the_scoring_ops():
     assert not [n for n in program.graph.nodes if "patchslim" in str(n.target)]
     for got, want in zip(program.module()(*args), _Scores()(*args), strict=True):
         assert _relative_error(got, want) <= 2e-5
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_within_twice_plain_torch(dtype, cpu_isa_env):
+    """bfloat16/float16 on CPU: each op's error against the float32 reference is at most
+    twice that of the same maths in plain torch at that dtype."""
+    for isa in cpu_isas():
+        cpu_isa_env(isa)
+        attn = _softmax_maps(2, 3, 6, 21, dtype, seed=12)
+        full = _softmax_maps(2, 3, 21, 21, dtype, seed=13)
+        S, F = (t.to(dtype) for t in _random_psd(2, 9, 3, torch.float32, seed=14))
+        z_in = torch.randn(2, 21, 40).to(dtype)
+        s_diag = torch.rand(2, 21).to(dtype)
+        cases = [
+            (score_chain_step, _score_chain_step_reference, (S, attn, 15)),
+            (score_factor_step, _score_factor_step_reference, (F, attn, 21)),
+            (score_chain_diagonal, _score_chain_diagonal_reference, (S, attn, False)),
+            (score_chain_diagonal, _score_chain_diagonal_reference, (F, attn, True)),
+            (patch_scores, _patch_scores_reference, (s_diag, full, z_in)),
+            (patch_scores, _patch_scores_reference, (s_diag, full, z_in[..., :3])),
+        ]
+        for op, reference, args in cases:
+            want = reference(*(a.float() if torch.is_tensor(a) else a for a in args))
+            ours, plain = op(*args), reference(*args)
+            assert ours.dtype == dtype
+            our_error = (ours.float() - want).abs().max().item()
+            torch_error = (plain.float() - want).abs().max().item()
+            floor = torch.finfo(dtype).eps * want.abs().max().item()
+            assert our_error <= max(2 * torch_error, floor), (op.__name__, isa, our_error)

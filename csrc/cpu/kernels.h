@@ -14,35 +14,63 @@ namespace patchslim::cpu {
 
 using patchslim::RowView;
 
+// bfloat16 and float16 as the kernels see them: the bits of c10::BFloat16 and
+// c10::Half (same layout), which the torch glue passes by reinterpret_cast. The
+// kernels load them into float vectors and do all arithmetic in float.
+struct BFloat16Bits {
+  uint16_t bits;
+};
+struct HalfBits {
+  uint16_t bits;
+};
+
+// The type a kernel computes and accumulates in for storage type T.
+template <typename T>
+struct Accumulate {
+  using type = T;
+};
+template <>
+struct Accumulate<BFloat16Bits> {
+  using type = float;
+};
+template <>
+struct Accumulate<HalfBits> {
+  using type = float;
+};
+template <typename T>
+using acc_t = typename Accumulate<T>::type;
+
+// Statistics (mean, rstd) are in the accumulation type: float for bfloat16 and float16.
 template <typename T>
 struct LayerNormForwardArgs {
   RowView<const T> input;
-  T* output;  // (rows, C) contiguous
-  T* mean;    // (rows,)
-  T* rstd;    // (rows,)
+  T* output;        // (rows, C) contiguous
+  acc_t<T>* mean;   // (rows,)
+  acc_t<T>* rstd;   // (rows,)
   const T* weight;
   const T* bias;
   int64_t channels;
-  T eps;
+  acc_t<T> eps;
 };
 
 template <typename T>
 struct LayerNormBackwardArgs {
   const T* grad_output;  // (rows, C) contiguous
   RowView<const T> input;
-  const T* mean;
-  const T* rstd;
+  const acc_t<T>* mean;
+  const acc_t<T>* rstd;
   const T* weight;
   RowView<T> grad_input;
   int64_t channels;
 };
 
-// out[b, i] = Σ_k x[b, k, i] · y[b, k, i]: a column reduction, (B, K, N) -> (B, N).
+// out[b, i] = Σ_k x[b, k, i] · y[b, k, i]: a column reduction, (B, K, N) -> (B, N),
+// accumulated in out, which is therefore in the accumulation type.
 template <typename T>
 struct ColumnDotArgs {
   const T* x;
   const T* y;
-  T* out;  // (B, N) contiguous
+  acc_t<T>* out;  // (B, N) contiguous
   int64_t rows;  // K
   int64_t cols;  // N, contiguous in x and y
   int64_t x_batch_stride, x_row_stride;
@@ -66,7 +94,7 @@ template <typename T>
 struct SoftmaxArgs {
   RowView<T> scores;  // in: logits; out: probabilities (in place)
   int64_t cols;
-  T scale;  // applied to the logits first
+  acc_t<T> scale;  // applied to the logits first
 };
 
 template <typename T>
@@ -74,7 +102,7 @@ struct SoftmaxBackwardArgs {
   RowView<const T> probs;
   RowView<T> grad;  // in: dL/dP; out: dL/dlogits, times the forward's scale
   int64_t cols;
-  T scale;
+  acc_t<T> scale;
 };
 
 // h = GELU(h + bias) in place (exact GELU, x·Φ(x)).
@@ -104,7 +132,7 @@ struct BiasResidualArgs {
 };
 
 // Queries per pass of the fused attention kernel; its scratch holds
-// dim * keys + kAttentionRows * keys elements.
+// dim * keys + kAttentionRows * keys elements of the accumulation type.
 constexpr int kAttentionRows = 4;
 
 // Fused attention core for one (image, head) pair at a time: the n queries against
@@ -119,7 +147,7 @@ struct AttentionArgs {
   T* probs;  // (B, H, n, N) contiguous, or nullptr when not wanted
   int64_t q_strides[3], k_strides[3], v_strides[3], out_strides[3];
   int64_t heads, queries, keys, dim;
-  T scale;
+  acc_t<T> scale;
 };
 
 // One ISA's kernels. Each processes rows [begin, end).
@@ -129,7 +157,7 @@ struct CpuKernels {
   // Writes grad_input for its rows and adds Σ g·x̂ and Σ g into grad_weight and
   // grad_bias (each of `channels`), which the caller owns per chunk.
   void (*layer_norm_backward)(const LayerNormBackwardArgs<T>&, int64_t begin, int64_t end,
-                              T* grad_weight, T* grad_bias);
+                              acc_t<T>* grad_weight, acc_t<T>* grad_bias);
   // Batches [begin, end).
   void (*column_dot)(const ColumnDotArgs<T>&, int64_t begin, int64_t end);
   // Rows r = b * N + i in [begin, end).
@@ -138,8 +166,9 @@ struct CpuKernels {
   void (*bias_gelu)(const BiasGeluArgs<T>&, int64_t begin, int64_t end);
   void (*bias_gelu_backward)(const BiasGeluBackwardArgs<T>&, int64_t begin, int64_t end);
   void (*bias_residual)(const BiasResidualArgs<T>&, int64_t begin, int64_t end);
-  // (image, head) pairs [begin, end); scratch as kAttentionRows says.
-  void (*attention)(const AttentionArgs<T>&, int64_t begin, int64_t end, T* scratch);
+  // (image, head) pairs [begin, end); scratch as kAttentionRows says. Float and
+  // double only (nullptr otherwise): 16-bit types use ATen's attention.
+  void (*attention)(const AttentionArgs<T>&, int64_t begin, int64_t end, acc_t<T>* scratch);
 };
 
 namespace scalar {

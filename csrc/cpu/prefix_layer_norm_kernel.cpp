@@ -39,8 +39,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> prefix_layer_norm_cpu(const at::T
   const int64_t B = input_arg.size(0);
   const int64_t C = input_arg.size(2);
   auto output = at::empty({B, n_rows, C}, input_arg.options());
-  auto mean = at::empty({B, n_rows}, input_arg.options());
-  auto rstd = at::empty({B, n_rows}, input_arg.options());
+  // Statistics in the accumulation dtype: float32 for bfloat16 and float16 inputs.
+  const auto stats_options = input_arg.options().dtype(accumulate_dtype(input_arg.scalar_type()));
+  auto mean = at::empty({B, n_rows}, stats_options);
+  auto rstd = at::empty({B, n_rows}, stats_options);
   if (output.numel() == 0) {
     return {output, mean, rstd};
   }
@@ -49,17 +51,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> prefix_layer_norm_cpu(const at::T
   const auto bias = bias_arg.contiguous();
   const CpuIsa isa = checked_cpu_isa();
 
-  AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "prefix_layer_norm_cpu", [&] {
-    const LayerNormForwardArgs<scalar_t> args{
-        row_view(input.const_data_ptr<scalar_t>(), input, n_rows),
-        output.mutable_data_ptr<scalar_t>(),
-        mean.mutable_data_ptr<scalar_t>(),
-        rstd.mutable_data_ptr<scalar_t>(),
-        weight.const_data_ptr<scalar_t>(),
-        bias.const_data_ptr<scalar_t>(),
-        C,
-        static_cast<scalar_t>(eps)};
-    const auto& kernels = kernels_for<scalar_t>(isa);
+  PATCHSLIM_DISPATCH_CPU(input.scalar_type(), "prefix_layer_norm_cpu", [&] {
+    using K = kernel_t<scalar_t>;
+    using A = acc_t<K>;
+    const LayerNormForwardArgs<K> args{row_view(data_of<scalar_t>(input), input, n_rows),
+                                       mutable_data_of<scalar_t>(output),
+                                       mean.mutable_data_ptr<A>(),
+                                       rstd.mutable_data_ptr<A>(),
+                                       data_of<scalar_t>(weight),
+                                       data_of<scalar_t>(bias),
+                                       C,
+                                       static_cast<A>(eps)};
+    const auto& kernels = kernels_for<K>(isa);
     at::parallel_for(0, B * n_rows, std::max<int64_t>(1, kElementsPerTask / C),
                      [&](int64_t begin, int64_t end) { kernels.layer_norm_forward(args, begin, end); });
   });
@@ -71,10 +74,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> prefix_layer_norm_backward_cpu(
     const at::Tensor& mean_arg, const at::Tensor& rstd_arg, const at::Tensor& weight_arg) {
   check_prefix_layer_norm_backward(grad_out_arg, input_arg, n_rows, mean_arg, rstd_arg, weight_arg);
   check_cpu_dtype(input_arg, "prefix_layer_norm_backward");
-  TORCH_CHECK(mean_arg.scalar_type() == input_arg.scalar_type() &&
-                  rstd_arg.scalar_type() == input_arg.scalar_type(),
-              "prefix_layer_norm_backward: on CPU, mean and rstd must have the input's dtype ",
-              input_arg.scalar_type());
+  const auto stats_dtype = accumulate_dtype(input_arg.scalar_type());
+  TORCH_CHECK(mean_arg.scalar_type() == stats_dtype && rstd_arg.scalar_type() == stats_dtype,
+              "prefix_layer_norm_backward: on CPU, mean and rstd must be ", stats_dtype,
+              " for a ", input_arg.scalar_type(), " input, got ", mean_arg.scalar_type(), " and ",
+              rstd_arg.scalar_type());
   const int64_t B = input_arg.size(0);
   const int64_t N = input_arg.size(1);
   const int64_t C = input_arg.size(2);
@@ -96,29 +100,31 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> prefix_layer_norm_backward_cpu(
   const int64_t grain = std::max<int64_t>(1, kElementsPerTask / C);
   const int64_t num_chunks = std::min<int64_t>(at::get_num_threads(), (rows + grain - 1) / grain);
   const int64_t chunk_rows = (rows + num_chunks - 1) / num_chunks;
-  auto partials = at::zeros({num_chunks, 2, C}, input.options());
+  auto partials = at::zeros({num_chunks, 2, C}, input.options().dtype(stats_dtype));
 
-  AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "prefix_layer_norm_backward_cpu", [&] {
-    const LayerNormBackwardArgs<scalar_t> args{
-        grad_out.const_data_ptr<scalar_t>(),
-        row_view(input.const_data_ptr<scalar_t>(), input, n_rows),
-        mean.const_data_ptr<scalar_t>(),
-        rstd.const_data_ptr<scalar_t>(),
-        weight.const_data_ptr<scalar_t>(),
-        row_view(grad_input.mutable_data_ptr<scalar_t>(), grad_input, n_rows),
-        C};
-    const auto& kernels = kernels_for<scalar_t>(isa);
-    scalar_t* partial = partials.mutable_data_ptr<scalar_t>();
+  PATCHSLIM_DISPATCH_CPU(input.scalar_type(), "prefix_layer_norm_backward_cpu", [&] {
+    using K = kernel_t<scalar_t>;
+    using A = acc_t<K>;
+    const LayerNormBackwardArgs<K> args{data_of<scalar_t>(grad_out),
+                                        row_view(data_of<scalar_t>(input), input, n_rows),
+                                        mean.const_data_ptr<A>(),
+                                        rstd.const_data_ptr<A>(),
+                                        data_of<scalar_t>(weight),
+                                        row_view(mutable_data_of<scalar_t>(grad_input), grad_input, n_rows),
+                                        C};
+    const auto& kernels = kernels_for<K>(isa);
+    A* partial = partials.mutable_data_ptr<A>();
     at::parallel_for(0, num_chunks, 1, [&](int64_t chunk_begin, int64_t chunk_end) {
       for (int64_t chunk = chunk_begin; chunk < chunk_end; ++chunk) {
         const int64_t begin = chunk * chunk_rows;
         const int64_t end = std::min(rows, begin + chunk_rows);
-        scalar_t* grad_weight = partial + chunk * 2 * C;
+        A* grad_weight = partial + chunk * 2 * C;
         kernels.layer_norm_backward(args, begin, end, grad_weight, grad_weight + C);
       }
     });
   });
-  return {grad_input, partials.select(1, 0).sum(0), partials.select(1, 1).sum(0)};
+  return {grad_input, partials.select(1, 0).sum(0).to(weight_arg.scalar_type()),
+          partials.select(1, 1).sum(0).to(weight_arg.scalar_type())};
 }
 
 TORCH_LIBRARY_IMPL(patchslim, CPU, m) {

@@ -5,7 +5,10 @@
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/_softmax.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/matmul.h>
+#include <ATen/ops/scaled_dot_product_attention.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -65,39 +68,53 @@ struct CpuBlock {
 
   static void softmax_backward_(const at::Tensor& grad, const at::Tensor& probs, double scale) {
     TORCH_INTERNAL_ASSERT(grad.is_contiguous() && probs.is_contiguous());
-    AT_DISPATCH_FLOATING_TYPES(grad.scalar_type(), "softmax_backward_cpu", [&] {
-      const SoftmaxBackwardArgs<scalar_t> args{
-          rows_of(probs.const_data_ptr<scalar_t>(), probs),
-          rows_of(grad.mutable_data_ptr<scalar_t>(), grad), grad.size(-1),
-          static_cast<scalar_t>(scale)};
-      for_rows(grad, args, kernels_for<scalar_t>(checked_cpu_isa()).softmax_backward);
+    PATCHSLIM_DISPATCH_CPU(grad.scalar_type(), "softmax_backward_cpu", [&] {
+      using K = kernel_t<scalar_t>;
+      const SoftmaxBackwardArgs<K> args{rows_of(data_of<scalar_t>(probs), probs),
+                                        rows_of(mutable_data_of<scalar_t>(grad), grad),
+                                        grad.size(-1), static_cast<acc_t<K>>(scale)};
+      for_rows(grad, args, kernels_for<K>(checked_cpu_isa()).softmax_backward);
     });
   }
 
   static void bias_gelu_(const at::Tensor& hidden, const at::Tensor& bias) {
     const auto b = bias.contiguous();
-    AT_DISPATCH_FLOATING_TYPES(hidden.scalar_type(), "bias_gelu_cpu", [&] {
-      const BiasGeluArgs<scalar_t> args{rows_of(hidden.mutable_data_ptr<scalar_t>(), hidden),
-                                        b.const_data_ptr<scalar_t>(), hidden.size(-1)};
-      for_rows(hidden, args, kernels_for<scalar_t>(checked_cpu_isa()).bias_gelu);
+    PATCHSLIM_DISPATCH_CPU(hidden.scalar_type(), "bias_gelu_cpu", [&] {
+      using K = kernel_t<scalar_t>;
+      const BiasGeluArgs<K> args{rows_of(mutable_data_of<scalar_t>(hidden), hidden),
+                                 data_of<scalar_t>(b), hidden.size(-1)};
+      for_rows(hidden, args, kernels_for<K>(checked_cpu_isa()).bias_gelu);
     });
   }
 
   static void bias_gelu_backward_(const at::Tensor& grad, const at::Tensor& pre,
                                   const at::Tensor& bias) {
     const auto b = bias.contiguous();
-    AT_DISPATCH_FLOATING_TYPES(grad.scalar_type(), "bias_gelu_backward_cpu", [&] {
-      const BiasGeluBackwardArgs<scalar_t> args{rows_of(pre.const_data_ptr<scalar_t>(), pre),
-                                                b.const_data_ptr<scalar_t>(),
-                                                rows_of(grad.mutable_data_ptr<scalar_t>(), grad),
-                                                grad.size(-1)};
-      for_rows(grad, args, kernels_for<scalar_t>(checked_cpu_isa()).bias_gelu_backward);
+    PATCHSLIM_DISPATCH_CPU(grad.scalar_type(), "bias_gelu_backward_cpu", [&] {
+      using K = kernel_t<scalar_t>;
+      const BiasGeluBackwardArgs<K> args{rows_of(data_of<scalar_t>(pre), pre),
+                                         data_of<scalar_t>(b),
+                                         rows_of(mutable_data_of<scalar_t>(grad), grad),
+                                         grad.size(-1)};
+      for_rows(grad, args, kernels_for<K>(checked_cpu_isa()).bias_gelu_backward);
     });
   }
 
   static std::tuple<at::Tensor, at::Tensor> attention(const at::Tensor& q, const at::Tensor& k,
                                                       const at::Tensor& v, double scale,
                                                       bool want_probs) {
+    if (at::isReducedFloatingType(q.scalar_type())) {
+      // bfloat16/float16: oneDNN's GEMMs (AMX where the CPU has it) and ATen's softmax,
+      // or its flash attention when no probabilities are wanted, beat the fused kernel,
+      // whose broadcast FMAs run in float32 (bench/results/pruned_block_cpu.md).
+      if (!want_probs) {
+        return {block::merge_heads(at::scaled_dot_product_attention(q, k, v, {}, 0.0, false,
+                                                                    scale)),
+                at::Tensor()};
+      }
+      auto probs = at::_softmax(at::matmul(q, k.transpose(-2, -1)).mul_(scale), -1, false);
+      return {block::merge_heads(at::matmul(probs, v)), probs};
+    }
     const int64_t B = q.size(0);
     const int64_t H = q.size(1);
     const int64_t n = q.size(2);
@@ -144,12 +161,12 @@ struct CpuBlock {
     TORCH_INTERNAL_ASSERT(out.dim() == 3 && residual.dim() == 3);
     const auto b = bias.contiguous();
     const auto res = residual.stride(2) == 1 ? residual : residual.contiguous();
-    AT_DISPATCH_FLOATING_TYPES(out.scalar_type(), "bias_residual_cpu", [&] {
-      const BiasResidualArgs<scalar_t> args{rows_of(out.mutable_data_ptr<scalar_t>(), out),
-                                            b.const_data_ptr<scalar_t>(),
-                                            rows_of(res.const_data_ptr<scalar_t>(), res),
-                                            out.size(-1)};
-      for_rows(out, args, kernels_for<scalar_t>(checked_cpu_isa()).bias_residual);
+    PATCHSLIM_DISPATCH_CPU(out.scalar_type(), "bias_residual_cpu", [&] {
+      using K = kernel_t<scalar_t>;
+      const BiasResidualArgs<K> args{rows_of(mutable_data_of<scalar_t>(out), out),
+                                     data_of<scalar_t>(b),
+                                     rows_of(data_of<scalar_t>(res), res), out.size(-1)};
+      for_rows(out, args, kernels_for<K>(checked_cpu_isa()).bias_residual);
     });
   }
 };

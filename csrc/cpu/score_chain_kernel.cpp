@@ -26,21 +26,28 @@ struct CpuScoring {
 
   static at::Tensor column_dot(const at::Tensor& x, const at::Tensor& y) {
     const int64_t B = x.size(0);
-    const int64_t K = x.size(1);
+    const int64_t K_rows = x.size(1);
     const int64_t N = x.size(2);
-    auto out = at::empty({B, N}, x.options());
-    if (out.numel() == 0) return out;
+    // Accumulated in place: in float32 for bfloat16 and float16 inputs, cast at the end.
+    auto out = at::empty({B, N}, x.options().dtype(cpu::accumulate_dtype(x.scalar_type())));
+    if (out.numel() == 0) return out.to(x.scalar_type());
     const auto isa = cpu::checked_cpu_isa();
-    AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "column_dot_cpu", [&] {
-      const cpu::ColumnDotArgs<scalar_t> args{
-          x.const_data_ptr<scalar_t>(), y.const_data_ptr<scalar_t>(),
-          out.mutable_data_ptr<scalar_t>(), K, N, x.stride(0), x.stride(1), y.stride(0),
-          y.stride(1)};
-      const auto& kernels = cpu::kernels_for<scalar_t>(isa);
-      at::parallel_for(0, B, grain_for(K * N),
+    PATCHSLIM_DISPATCH_CPU(x.scalar_type(), "column_dot_cpu", [&] {
+      using K = cpu::kernel_t<scalar_t>;
+      const cpu::ColumnDotArgs<K> args{cpu::data_of<scalar_t>(x),
+                                       cpu::data_of<scalar_t>(y),
+                                       out.mutable_data_ptr<cpu::acc_t<K>>(),
+                                       K_rows,
+                                       N,
+                                       x.stride(0),
+                                       x.stride(1),
+                                       y.stride(0),
+                                       y.stride(1)};
+      const auto& kernels = cpu::kernels_for<K>(isa);
+      at::parallel_for(0, B, grain_for(K_rows * N),
                        [&](int64_t begin, int64_t end) { kernels.column_dot(args, begin, end); });
     });
-    return out;
+    return out.to(x.scalar_type());
   }
 
   static at::Tensor row_dot(const at::Tensor& x, const at::Tensor& y, const at::Tensor& scale) {
@@ -52,17 +59,18 @@ struct CpuScoring {
     if (out.numel() == 0) return out;
     const auto scale_c = scale.contiguous();
     const auto isa = cpu::checked_cpu_isa();
-    AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "row_dot_cpu", [&] {
-      const cpu::RowDotArgs<scalar_t> args{x.const_data_ptr<scalar_t>(),
-                                           y.const_data_ptr<scalar_t>(),
-                                           scale_c.const_data_ptr<scalar_t>(),
-                                           out.mutable_data_ptr<scalar_t>(),
+    PATCHSLIM_DISPATCH_CPU(x.scalar_type(), "row_dot_cpu", [&] {
+      using K = cpu::kernel_t<scalar_t>;
+      const cpu::RowDotArgs<K> args{cpu::data_of<scalar_t>(x),
+                                           cpu::data_of<scalar_t>(y),
+                                           cpu::data_of<scalar_t>(scale_c),
+                                           cpu::mutable_data_of<scalar_t>(out),
                                            H,
                                            N,
                                            D,
                                            {x.stride(0), x.stride(1), x.stride(2)},
                                            {y.stride(0), y.stride(1), y.stride(2)}};
-      const auto& kernels = cpu::kernels_for<scalar_t>(isa);
+      const auto& kernels = cpu::kernels_for<K>(isa);
       at::parallel_for(0, B * N, grain_for(H * D),
                        [&](int64_t begin, int64_t end) { kernels.row_dot(args, begin, end); });
     });

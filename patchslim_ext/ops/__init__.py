@@ -12,8 +12,10 @@ formulas. Every op is listed here with its shapes and dtypes.
     - ``input``: (B, N, C); any strides (a non-unit channel stride costs a copy).
     - ``weight``, ``bias``: (C,), the input's dtype.
     - ``out``: (B, n_rows, C), contiguous, the input's dtype.
-    - ``mean``, ``rstd``: (B, n_rows); the input's dtype on CPU, float32 on CUDA.
-    - dtypes: CPU float32/float64; CUDA float32/float16/bfloat16 (float32 accumulation).
+    - ``mean``, ``rstd``: (B, n_rows); float32 on CUDA and for bfloat16/float16 inputs,
+      else the input's dtype.
+    - dtypes: CPU float32/float64/bfloat16/float16; CUDA float32/float16/bfloat16;
+      bfloat16 and float16 accumulate in float32.
     - ``0 <= n_rows <= N``; ``n_rows = 0`` or ``B = 0`` return empty tensors.
 
 ``patchslim::prefix_layer_norm_backward(Tensor grad_out, Tensor input, SymInt n_rows,
@@ -25,8 +27,8 @@ Tensor grad_bias)``
 Scoring (paper Eq. 13, DESIGN.md §4). ``attn`` is always (B, H, n, N): block l's
 attention probabilities on its n kept rows (prefix order), against all N tokens.
 The chain state is ``S_l`` (B, M, M) or a factor ``F`` (B, R, M) with ``S_l = Fᵀ F``;
-only its first ``n <= M`` rows/columns are read. dtypes: CPU float32/float64, CUDA
-float32. Not differentiable.
+only its first ``n <= M`` rows/columns are read. dtypes: CPU float32/float64/bfloat16/
+float16 (float32 accumulation), CUDA float32. Not differentiable.
 
 ``patchslim::score_chain_step(Tensor S, Tensor attn, SymInt n_out) -> Tensor``
     (B, n_out, n_out): the top-left block of ``S_{l-1} = Σ_h P_hᵀ S[:n, :n] P_h``.
@@ -41,8 +43,10 @@ float32. Not differentiable.
     (B, N): ``s_diag ⊙ Σ_h ‖(P_h |Z|)[i, :]‖²`` with ``attn`` (B, H, N, N) and ``z_in`` (B, N, C).
 
 Pruned block (paper Eq. 2, DESIGN.md §3): block input ``x`` (B, N, C) whose kept tokens
-are rows ``[0, n_keep)``; weights in timm's layout. dtypes: CPU float32/float64; CUDA
-float32/float16/bfloat16. The forward ops are differentiable in every floating input
+are rows ``[0, n_keep)``; weights in timm's layout. dtypes: CPU float32/float64/bfloat16/
+float16; CUDA float32/float16/bfloat16; the row kernels (LayerNorm, softmax, bias+GELU,
+bias+residual, the fused CPU attention) accumulate bfloat16/float16 in float32, the GEMMs
+are ATen's (oneDNN on CPU). The forward ops are differentiable in every floating input
 through their own backward ops; besides their results they return the activations
 the backward reads (as ``native_layer_norm`` returns its statistics). The ``_`` ops
 update ``x`` in place for inference.
@@ -78,6 +82,14 @@ Tensor fc1_bias, Tensor fc2_weight, Tensor fc2_bias, float eps) -> (Tensor out, 
 
 ``patchslim::pruned_mlp_backward(Tensor grad_out, Tensor x, …, Tensor pre) -> (grad_x,
 grad_ln_weight, grad_ln_bias, grad_fc1_weight, grad_fc1_bias, grad_fc2_weight, grad_fc2_bias)``
+
+Autocast (CPU and CUDA): the functional block ops run in the autocast dtype, their
+inputs cast once (residual included: the result is in the autocast dtype); the in-place
+ops keep ``x``'s dtype and cast the parameters to it; ``prefix_layer_norm`` and the
+scoring ops run in float32 (as autocast runs ``layer_norm``; the chain multiplies many
+maps). The in-place ops refuse inputs that require grad under grad mode (a leaf with
+torch's own message), bump ``x``'s version counter, and refuse an ``x`` whose elements
+overlap or parameters that share its memory.
 
 References and export. Beside every op, in its Python module, is a reference in standard
 torch ops (``_pruned_msa_reference`` next to ``pruned_msa``, …); the references of the

@@ -11,8 +11,10 @@ _BACKWARD_OP = "patchslim::prefix_layer_norm_backward"
 
 
 def _stats_dtype(input: Tensor) -> torch.dtype:
-    # The CUDA kernels keep statistics in float32 for every input dtype.
-    return torch.float32 if input.device.type == "cuda" else input.dtype
+    # Statistics are in the kernels' accumulation dtype: float32 on CUDA and for
+    # bfloat16/float16 inputs on CPU.
+    low_precision = input.dtype in (torch.bfloat16, torch.float16)
+    return torch.float32 if input.device.type == "cuda" or low_precision else input.dtype
 
 
 @torch.library.register_fake(_OP)

@@ -1,8 +1,9 @@
-// Row kernels of the pruned transformer block, written once against Vec<T> and
-// compiled per ISA. Included by isa_unit.inc after layer_norm_rows.h (chunk
+// Row kernels of the pruned transformer block, written once against Vec<acc_t<T>>
+// and compiled per ISA. Included by isa_unit.inc after layer_norm_rows.h (chunk
 // helpers) and vec_math.h.
 
-// p = softmax(scale · x) in place, max-subtracted.
+// p = softmax(scale · x) in place, max-subtracted; T is float or double (the fused
+// attention kernel's scratch rows).
 template <typename T>
 void softmax_rows(const SoftmaxArgs<T>& a, int64_t begin, int64_t end) {
   using V = Vec<T>;
@@ -31,19 +32,20 @@ void softmax_rows(const SoftmaxArgs<T>& a, int64_t begin, int64_t end) {
 // dlogits = scale · p ⊙ (dp − Σ dp ⊙ p), in place over dp.
 template <typename T>
 void softmax_backward_rows(const SoftmaxBackwardArgs<T>& a, int64_t begin, int64_t end) {
-  using V = Vec<T>;
+  using A = acc_t<T>;
+  using V = Vec<A>;
   const int64_t N = a.cols;
   for (int64_t r = begin; r < end; ++r) {
     const T* p = a.probs.row(r);
     T* g = a.grad.row(r);
     V dot = V::zero();
     for_each_chunk<T>(N, [&](int64_t c, int64_t n) {
-      dot = V::fma(load_chunk(g + c, n, T(0)), load_chunk(p + c, n, T(0)), dot);
+      dot = V::fma(load_chunk(g + c, n, A(0)), load_chunk(p + c, n, A(0)), dot);
     });
     const V centre = V::broadcast(dot.sum());
     const V scale = V::broadcast(a.scale);
     for_each_chunk<T>(N, [&](int64_t c, int64_t n) {
-      const V grad = (load_chunk(g + c, n, T(0)) - centre) * load_chunk(p + c, n, T(0));
+      const V grad = (load_chunk(g + c, n, A(0)) - centre) * load_chunk(p + c, n, A(0));
       store_chunk(grad * scale, g + c, n);
     });
   }
@@ -51,11 +53,12 @@ void softmax_backward_rows(const SoftmaxBackwardArgs<T>& a, int64_t begin, int64
 
 template <typename T>
 void bias_gelu_rows(const BiasGeluArgs<T>& a, int64_t begin, int64_t end) {
-  using V = Vec<T>;
+  using A = acc_t<T>;
+  using V = Vec<A>;
   for (int64_t r = begin; r < end; ++r) {
     T* h = a.hidden.row(r);
     for_each_chunk<T>(a.cols, [&](int64_t c, int64_t n) {
-      const V x = load_chunk(h + c, n, T(0)) + load_chunk(a.bias + c, n, T(0));
+      const V x = load_chunk(h + c, n, A(0)) + load_chunk(a.bias + c, n, A(0));
       store_chunk(x * vnormal_cdf(x), h + c, n);
     });
   }
@@ -63,26 +66,28 @@ void bias_gelu_rows(const BiasGeluArgs<T>& a, int64_t begin, int64_t end) {
 
 template <typename T>
 void bias_gelu_backward_rows(const BiasGeluBackwardArgs<T>& a, int64_t begin, int64_t end) {
-  using V = Vec<T>;
+  using A = acc_t<T>;
+  using V = Vec<A>;
   for (int64_t r = begin; r < end; ++r) {
     const T* pre = a.pre.row(r);
     T* g = a.grad.row(r);
     for_each_chunk<T>(a.cols, [&](int64_t c, int64_t n) {
-      const V x = load_chunk(pre + c, n, T(0)) + load_chunk(a.bias + c, n, T(0));
+      const V x = load_chunk(pre + c, n, A(0)) + load_chunk(a.bias + c, n, A(0));
       const V slope = V::fma(x, vnormal_pdf(x), vnormal_cdf(x));
-      store_chunk(load_chunk(g + c, n, T(0)) * slope, g + c, n);
+      store_chunk(load_chunk(g + c, n, A(0)) * slope, g + c, n);
     });
   }
 }
 
 template <typename T>
 void bias_residual_rows(const BiasResidualArgs<T>& a, int64_t begin, int64_t end) {
+  using A = acc_t<T>;
   for (int64_t r = begin; r < end; ++r) {
     T* out = a.out.row(r);
     const T* residual = a.residual.row(r);
     for_each_chunk<T>(a.cols, [&](int64_t c, int64_t n) {
-      store_chunk(load_chunk(out + c, n, T(0)) + load_chunk(a.bias + c, n, T(0)) +
-                      load_chunk(residual + c, n, T(0)),
+      store_chunk(load_chunk(out + c, n, A(0)) + load_chunk(a.bias + c, n, A(0)) +
+                      load_chunk(residual + c, n, A(0)),
                   out + c, n);
     });
   }
@@ -90,11 +95,12 @@ void bias_residual_rows(const BiasResidualArgs<T>& a, int64_t begin, int64_t end
 
 // kRows queries at a time against one (image, head) pair's keys: scores = scale·q Kᵀ
 // into scratch rows, softmax, out = p V. Accumulators stay in registers and each
-// load of Kᵀ or V feeds kRows FMAs.
+// load of Kᵀ or V feeds kRows FMAs. Kᵀ and the scores are in the accumulation type.
 template <typename T, int kRows>
-void attention_query_block(const AttentionArgs<T>& a, int64_t pair, int64_t first, const T* kt,
-                           const T* v, T* scores) {
-  using V = Vec<T>;
+void attention_query_block(const AttentionArgs<T>& a, int64_t pair, int64_t first,
+                           const acc_t<T>* kt, const T* v, acc_t<T>* scores) {
+  using A = acc_t<T>;
+  using V = Vec<A>;
   const int64_t N = a.keys;
   const int64_t d = a.dim;
   const int64_t b = pair / a.heads;
@@ -110,24 +116,28 @@ void attention_query_block(const AttentionArgs<T>& a, int64_t pair, int64_t firs
     V acc[kRows];
     for (int r = 0; r < kRows; ++r) acc[r] = V::zero();
     for (int64_t t = 0; t < d; ++t) {
-      const V keys = load_chunk(kt + t * N + c, n, T(0));
-      for (int r = 0; r < kRows; ++r) acc[r] = V::fma(V::broadcast(q[r][t] * a.scale), keys, acc[r]);
+      const V keys = load_chunk(kt + t * N + c, n, A(0));
+      for (int r = 0; r < kRows; ++r) {
+        acc[r] = V::fma(V::broadcast(to_acc(q[r][t]) * a.scale), keys, acc[r]);
+      }
     }
     for (int r = 0; r < kRows; ++r) store_chunk(acc[r], scores + r * N + c, n);
   });
-  const SoftmaxArgs<T> softmax{{scores, 0, N, kRows}, N, T(1)};
+  const SoftmaxArgs<A> softmax{{scores, 0, N, kRows}, N, A(1)};
   softmax_rows(softmax, 0, kRows);
   if (a.probs != nullptr) {
     for (int r = 0; r < kRows; ++r) {
       T* p = a.probs + (pair * a.queries + first + r) * N;
-      for (int64_t j = 0; j < N; ++j) p[j] = scores[r * N + j];
+      for_each_chunk<T>(N, [&](int64_t c, int64_t n) {
+        store_chunk(load_chunk(scores + r * N + c, n, A(0)), p + c, n);
+      });
     }
   }
   for_each_chunk<T>(d, [&](int64_t c, int64_t n) {
     V acc[kRows];
     for (int r = 0; r < kRows; ++r) acc[r] = V::zero();
     for (int64_t j = 0; j < N; ++j) {
-      const V values = load_chunk(v + j * a.v_strides[2] + c, n, T(0));
+      const V values = load_chunk(v + j * a.v_strides[2] + c, n, A(0));
       for (int r = 0; r < kRows; ++r) acc[r] = V::fma(V::broadcast(scores[r * N + j]), values, acc[r]);
     }
     for (int r = 0; r < kRows; ++r) store_chunk(acc[r], out[r] + c, n);
@@ -137,11 +147,11 @@ void attention_query_block(const AttentionArgs<T>& a, int64_t pair, int64_t firs
 // Every query of (image, head) pairs [begin, end). Kᵀ is staged in scratch (d × N)
 // so scores are N-wide vector FMAs; scratch also holds kAttentionRows score rows.
 template <typename T>
-void attention_heads(const AttentionArgs<T>& a, int64_t begin, int64_t end, T* scratch) {
+void attention_heads(const AttentionArgs<T>& a, int64_t begin, int64_t end, acc_t<T>* scratch) {
   const int64_t N = a.keys;
   const int64_t d = a.dim;
-  T* kt = scratch;
-  T* scores = scratch + d * N;
+  acc_t<T>* kt = scratch;
+  acc_t<T>* scores = scratch + d * N;
   for (int64_t pair = begin; pair < end; ++pair) {
     const int64_t b = pair / a.heads;
     const int64_t h = pair % a.heads;
@@ -149,7 +159,7 @@ void attention_heads(const AttentionArgs<T>& a, int64_t begin, int64_t end, T* s
     const T* v = a.v + b * a.v_strides[0] + h * a.v_strides[1];
     for (int64_t j = 0; j < N; ++j) {
       const T* row = k + j * a.k_strides[2];
-      for (int64_t t = 0; t < d; ++t) kt[t * N + j] = row[t];
+      for (int64_t t = 0; t < d; ++t) kt[t * N + j] = to_acc(row[t]);
     }
     int64_t i = 0;
     for (; i + kAttentionRows <= a.queries; i += kAttentionRows) {
