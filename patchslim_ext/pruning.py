@@ -24,7 +24,12 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from patchslim_ext.ops.pruned_block import pruned_mlp, pruned_msa
+from patchslim_ext.ops.pruned_block import (
+    _pruned_mlp_reference,
+    _pruned_msa_reference,
+    pruned_mlp,
+    pruned_msa,
+)
 from patchslim_ext.plan import SlimPlan
 
 
@@ -73,16 +78,32 @@ def pruned_block(
     Returns (B, N, C) (the other rows unchanged), and with ``return_attention`` the
     attention probabilities (B, H, n_keep, N). Differentiable in x and the parameters.
     """
-    kept, probs = pruned_msa(x, n_keep, block.attn.num_heads, *msa_arguments(block))
-    kept = pruned_mlp(kept, *mlp_arguments(block))
+    kept, probs = _kept_rows(block, x, n_keep)
     out = kept if n_keep == x.shape[1] else torch.cat((kept, x[:, n_keep:]), dim=1)
     return (out, probs) if return_attention else out
 
 
 def pruned_block_(block: nn.Module, x: Tensor, n_keep: int) -> None:
     """:func:`pruned_block` written into ``x[:, :n_keep]`` in place (inference)."""
+    if torch.is_autocast_enabled(x.device.type):
+        x[:, :n_keep] = _kept_rows(block, x, n_keep)[0]
+        return
     torch.ops.patchslim.pruned_msa_(x, n_keep, block.attn.num_heads, *msa_arguments(block))
     torch.ops.patchslim.pruned_mlp_(x[:, :n_keep], *mlp_arguments(block))
+
+
+def _kept_rows(block: nn.Module, x: Tensor, n_keep: int) -> tuple[Tensor, Tensor]:
+    """The updated rows (B, n_keep, C) and the attention probabilities (B, H, n_keep, N)."""
+    heads = block.attn.num_heads
+    if torch.is_autocast_enabled(x.device.type):
+        # Under autocast the block runs its reference in standard ops, so that torch's own
+        # per-op policy applies (GEMMs in the low dtype; norms, softmax and residuals in
+        # float32); the fused ops would run all of it in the low dtype. Cast weights
+        # (model.to(torch.bfloat16)) run our kernels in bf16.
+        kept, probs, *_ = _pruned_msa_reference(x, n_keep, heads, *msa_arguments(block))
+        return _pruned_mlp_reference(kept, *mlp_arguments(block))[0], probs
+    kept, probs = pruned_msa(x, n_keep, heads, *msa_arguments(block))
+    return pruned_mlp(kept, *mlp_arguments(block)), probs
 
 
 def check_plan(config: Any, plan: SlimPlan) -> None:
