@@ -92,3 +92,30 @@ def test_torch_export_lowers_a_slimmed_model_to_standard_ops(grad):
     assert not [t for t in targets if "patchslim" in t], targets
     with torch.no_grad():
         torch.testing.assert_close(lowered.module()(images), model(images), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::torch.jit.TracerWarning")
+@pytest.mark.parametrize("grad", [False, True], ids=["no_grad", "autograd"])
+def test_the_torchscript_exporter_never_drops_blocks(grad, tmp_path):
+    """The legacy exporter (dynamo=False) cannot express our ops: it must say so, also
+    with ONNX_FALLTHROUGH, rather than write a file without the slimmed blocks."""
+    model = _model(ps.deit_tiny_patch16_224, 6)
+    images = torch.randn(2, 3, 32, 32)
+    path = tmp_path / "legacy.onnx"
+    with torch.set_grad_enabled(grad):
+        with pytest.raises(torch.onnx.errors.UnsupportedOperatorError, match="patchslim::"):
+            torch.onnx.export(model, (images,), path, dynamo=False)
+        try:
+            torch.onnx.export(
+                model,
+                (images,),
+                path,
+                dynamo=False,
+                operator_export_type=torch.onnx.OperatorExportTypes.ONNX_FALLTHROUGH,
+            )
+        except Exception as error:  # refusing is fine; a silently wrong file is not
+            assert "patchslim" in str(error)
+            return
+    ops = [node.op_type for node in onnx.load(str(path)).graph.node]
+    kept_blocks = ops.count("pruned_msa") + ops.count("pruned_msa_")
+    assert kept_blocks == model.config.depth, ops
