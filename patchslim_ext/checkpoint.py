@@ -8,18 +8,22 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import pickle
+import re
 import warnings
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import Any, TypeVar
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, safe_open, save_file
 from torch import Tensor, nn
 
+from patchslim_ext.errors import CheckpointError
 from patchslim_ext.plan import SlimPlan
 from patchslim_ext.pruned import PrunedViT
 from patchslim_ext.vit import VisionTransformer, ViTConfig
@@ -28,10 +32,8 @@ _FORMAT = "patchslim-vit"
 # Head dimension of every ViT/DeiT variant; used only when a checkpoint does not
 # record its number of heads (which no weight shape reveals).
 _DEFAULT_HEAD_DIM = 64
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be read or does not fit the model."""
+# CheckpointError is defined in patchslim_ext.errors and importable from here too.
+_Loaded = TypeVar("_Loaded")
 
 
 def load_state_dict_file(path: str | os.PathLike) -> dict[str, Tensor]:
@@ -62,9 +64,7 @@ def load_state_dict_file(path: str | os.PathLike) -> dict[str, Tensor]:
         EOFError,
         ValueError,
     ) as error:
-        # torch's unpickling errors span paragraphs; the first line names the problem.
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise CheckpointError(f"cannot read checkpoint {path}: {reason}") from error
+        raise CheckpointError(f"cannot read checkpoint {path}: {_load_failure(error)}") from error
     if isinstance(payload, Mapping):
         for entry in ("model", "state_dict"):
             if isinstance(payload.get(entry), Mapping):
@@ -75,6 +75,21 @@ def load_state_dict_file(path: str | os.PathLike) -> dict[str, Tensor]:
     ):
         raise CheckpointError(f"{path} does not hold a state dict of tensors")
     return dict(payload)
+
+
+def _load_failure(error: BaseException) -> str:
+    """One line saying why a file could not be read. torch's refusal of a pickle that
+    holds more than tensors spans paragraphs and suggests ``weights_only=False`` (running
+    the file's code): we keep only what it refused."""
+    text = str(error).strip()
+    if isinstance(error, pickle.UnpicklingError) and "Weights only load failed" in text:
+        refused = re.search(r"WeightsUnpickler error: ([^\n]*?)(?: was not an allowed|\n|$)", text)
+        detail = f" ({refused.group(1).strip()})" if refused else ""
+        return (
+            f"it is a pickle holding more than tensors{detail}; patchslim loads weights "
+            "only and never runs code from a checkpoint"
+        )
+    return text.splitlines()[0] if text else type(error).__name__
 
 
 def load_state_dict_strict(model: nn.Module, state_dict: Mapping[str, Tensor]) -> None:
@@ -139,6 +154,28 @@ def config_from_state_dict(
     )
 
 
+def _naming_the_file(load: Callable[..., _Loaded]) -> Callable[..., _Loaded]:
+    """Make every failure of ``load(path, ...)`` to read a model a one-line
+    :class:`CheckpointError` that names the file (a malformed config, bad JSON, weight
+    shapes that describe no ViT)."""
+
+    @functools.wraps(load)
+    def wrapper(path: str | os.PathLike, *args: Any, **kwargs: Any) -> _Loaded:
+        try:
+            return load(path, *args, **kwargs)
+        except (FileNotFoundError, CheckpointError) as error:
+            if str(path) in str(error):
+                raise
+            raise CheckpointError(f"{path}: {error}") from None
+        except (ValueError, TypeError, KeyError, AttributeError, SafetensorError) as error:
+            reason = str(error).strip().splitlines()[0] if str(error).strip() else ""
+            raise CheckpointError(
+                f"{path}: not a usable ViT checkpoint: {type(error).__name__}: {reason}"
+            ) from None
+
+    return wrapper
+
+
 def save_model(model: VisionTransformer | PrunedViT, path: str | os.PathLike) -> None:
     """Write weights and config (and a slimmed model's plan) to ``path`` (safetensors),
     atomically: a temporary file is renamed over ``path``."""
@@ -161,6 +198,7 @@ def _metadata(path: Path) -> dict[str, str]:
     return metadata if metadata.get("format") == _FORMAT else {}
 
 
+@_naming_the_file
 def load_model(path: str | os.PathLike, num_heads: int | None = None) -> VisionTransformer:
     """Build a :class:`VisionTransformer` from a checkpoint written by :func:`save_model`,
     or from any timm/DeiT state dict (config inferred, see :func:`config_from_state_dict`)."""
@@ -187,5 +225,5 @@ def load_checkpoint(
         return model
     try:
         return PrunedViT(model, SlimPlan.from_json(plan))
-    except ValueError as error:
+    except (ValueError, TypeError, KeyError) as error:
         raise CheckpointError(f"{path}: invalid plan: {error}") from None
