@@ -36,8 +36,8 @@ from patchslim_ext.benchmark import (
     torch_pruned_block_rows,
 )
 from patchslim_ext.ops.pruned_block import _pruned_mlp_reference, _pruned_msa_reference
-from patchslim_ext.pruned import _mlp_args, _msa_args
-from patchslim_ext.vit import Block
+from patchslim_ext.pruning import mlp_arguments, msa_arguments
+from patchslim_ext.vit import Block, ViTConfig
 
 MODELS = {"DeiT-Ti": (192, 3), "DeiT-S": (384, 6), "DeiT-B": (768, 12)}
 TOKENS = 197
@@ -65,21 +65,21 @@ def torch_gather(block: Block, x, index):
 
 
 def ours(block: Block, x, n):
-    kept, _ = ps.ops.pruned_msa(x, n, block.attn.num_heads, *_msa_args(block))
-    return ps.ops.pruned_mlp(kept, *_mlp_args(block))
+    kept, _ = ps.ops.pruned_msa(x, n, block.attn.num_heads, *msa_arguments(block))
+    return ps.ops.pruned_mlp(kept, *mlp_arguments(block))
 
 
 def ours_in_place(block: Block, x, n):
     """The in-place ops on a copy of x (the copy is part of the time: < 1% here)."""
     x = x.clone()
-    torch.ops.patchslim.pruned_msa_(x, n, block.attn.num_heads, *_msa_args(block))
-    torch.ops.patchslim.pruned_mlp_(x[:, :n], *_mlp_args(block))
+    torch.ops.patchslim.pruned_msa_(x, n, block.attn.num_heads, *msa_arguments(block))
+    torch.ops.patchslim.pruned_mlp_(x[:, :n], *mlp_arguments(block))
     return x
 
 
 def reference(block: Block, x, n):
-    kept, _ = _pruned_msa_reference(x, n, block.attn.num_heads, *_msa_args(block))[:2]
-    return _pruned_mlp_reference(kept, *_mlp_args(block))[0]
+    kept, _ = _pruned_msa_reference(x, n, block.attn.num_heads, *msa_arguments(block))[:2]
+    return _pruned_mlp_reference(kept, *mlp_arguments(block))[0]
 
 
 def backward(fn, block, x, arg):
@@ -100,7 +100,7 @@ def block_rows(args, device, dtype):
     rows, records = [], []
     gen = torch.Generator().manual_seed(0)
     for model, (channels, heads) in MODELS.items():
-        block = Block(channels, heads, 4 * channels).to(device, dtype)
+        block = Block(ViTConfig(embed_dim=channels, num_heads=heads)).to(device, dtype)
         x = torch.randn(args.batch, TOKENS, channels, generator=gen).to(device, dtype)
         for ratio in args.ratios:
             n = max(1, round(ratio * TOKENS))

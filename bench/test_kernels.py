@@ -11,9 +11,9 @@ import pytest
 import torch
 
 from patchslim_ext.benchmark import torch_pruned_block_rows
-from patchslim_ext.pruned import pruned_block_rows
+from patchslim_ext.pruning import pruned_block
 from patchslim_ext.scoring import chain_diagonal
-from patchslim_ext.vit import Block
+from patchslim_ext.vit import Block, ViTConfig
 
 pytest.importorskip("pytest_benchmark")
 
@@ -28,10 +28,10 @@ def test_pruned_block(benchmark, shape, dtype, implementation):
     model, batch, kept = shape
     channels, heads = WIDTHS[model]
     torch.manual_seed(0)
-    block = Block(channels, heads, 4 * channels).eval().to(dtype)
+    block = Block(ViTConfig(embed_dim=channels, num_heads=heads)).eval().to(dtype)
     x = torch.randn(batch, 197, channels, dtype=dtype)
     if implementation == "patchslim":
-        run = lambda: pruned_block_rows(block, x, kept, heads)  # noqa: E731
+        run = lambda: pruned_block(block, x, kept)  # noqa: E731
     else:
         run = lambda: torch_pruned_block_rows(block, x, kept)  # noqa: E731
     with torch.no_grad():

@@ -220,7 +220,10 @@ def load_model(
                 f"{path} has no patchslim metadata, and its number of attention heads is not "
                 "visible in the weights: give it (num_heads=…, --num-heads)"
             )
-        config = config_from_state_dict(state_dict, num_heads)
+        try:
+            config = config_from_state_dict(state_dict, num_heads)
+        except CheckpointError as error:
+            raise CheckpointError(f"{path}: {error}") from None
     if img_size is not None and img_size != config.img_size:
         if plan is not None and not dense:
             raise CheckpointError(
@@ -229,7 +232,10 @@ def load_model(
             )
         config, state_dict = _resize(config, state_dict, img_size)
     model = VisionTransformer(config)
-    load_state_dict_strict(model, state_dict)
+    try:
+        load_state_dict_strict(model, state_dict)
+    except CheckpointError as error:
+        raise CheckpointError(f"{path}: {error}") from None
     if plan is not None and not dense:
         try:
             model.set_plan(plan)

@@ -1,8 +1,12 @@
 """The ``patchslim`` command (also ``python -m patchslim_ext``).
 
 Every subcommand has ``--help`` and ``--json`` (a machine-readable summary on
-stdout). Bad arguments and unreadable files end with a one-line message on
-stderr and exit code 2.
+stdout, strict JSON: NaN becomes null). Expected errors
+(:class:`~patchslim_ext.errors.PatchslimError`: bad arguments, unreadable files, a run
+that diverges) end with a one-line message on stderr and exit code 2; anything else is
+a bug and keeps its traceback. Outputs are checked before any work (writable, not a
+directory, none of the inputs, also through links) and written through a temporary
+file renamed when complete.
 """
 
 from __future__ import annotations
@@ -10,6 +14,8 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
+import os
 import sys
 import time
 from collections.abc import Sequence
@@ -30,8 +36,9 @@ from patchslim_ext.benchmark import (
     table_row,
 )
 from patchslim_ext.checkpoint import load_model, save_model
-from patchslim_ext.data import DIGITS, DIGITS_SPLITS, load_dataset
+from patchslim_ext.data import DIGITS, DIGITS_SPLITS, ImageFolder, load_dataset
 from patchslim_ext.demo import DemoSettings, format_demo, run_demo
+from patchslim_ext.errors import CheckpointError, OutputError, PatchslimError, UsageError
 from patchslim_ext.export import ONNX_DTYPES, export_onnx
 from patchslim_ext.flops import block_flops, flop_analysis, flops_of
 from patchslim_ext.ops import cpu_isa
@@ -47,7 +54,6 @@ from patchslim_ext.training import (
     train,
 )
 from patchslim_ext.vit import MODEL_FACTORIES, VisionTransformer
-from patchslim_ext.weights import CheckpointError
 
 DEFAULT_MODEL = "digits_vit"
 # Dense baselines of the paper's Table 1, which prints them rounded to 0.1 GFLOPs.
@@ -59,13 +65,16 @@ PAPER_GFLOPS = {
 }
 
 
-class UsageError(Exception):
-    """A bad argument or input file: reported in one line, exit code 2."""
-
-
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # argparse's own usage errors
         raise UsageError(message)
+
+    def _get_values(self, action: argparse.Action, arg_strings: list[str]) -> Any:
+        # Python 3.11's argparse drops a "--" given as a value ("--seed=--") and returns
+        # an empty list for an option that takes one value.
+        if action.nargs is None and action.option_strings and arg_strings in ([], ["--"]):
+            raise UsageError(f"argument {'/'.join(action.option_strings)}: expected one value")
+        return super()._get_values(action, arg_strings)
 
 
 def _build_model(args: argparse.Namespace) -> tuple[str, VisionTransformer]:
@@ -78,15 +87,35 @@ def _build_model(args: argparse.Namespace) -> tuple[str, VisionTransformer]:
 def _dataset(source: str, split: str, model: VisionTransformer) -> Any:
     config = model.config
     try:
-        return load_dataset(source, split, config.img_size, config.in_chans)
-    except (FileNotFoundError, ValueError) as error:
+        data = load_dataset(source, split, config.img_size, config.in_chans)
+    except (OSError, PatchslimError) as error:
         raise UsageError(f"--data {source}: {error}") from None
+    _check_classes(source, data, model)
+    return data
+
+
+def _check_classes(source: str, data: Any, model: VisionTransformer) -> None:
+    """An image folder with more classes than the model's head has outputs is refused."""
+    classes = getattr(data, "classes", None)
+    if classes is not None and len(classes) > model.config.num_classes:
+        raise UsageError(
+            f"--data {source}: {len(classes)} class folders, but the model has "
+            f"{model.config.num_classes} classes"
+        )
+
+
+def _check_image_files(data: Any) -> None:
+    """Check an image folder's files before any work (see ImageFolder.check_files)."""
+    if isinstance(data, ImageFolder):
+        data.check_files()
 
 
 def _eval_dataset(args: argparse.Namespace, model: VisionTransformer) -> Any:
     """The held-out set: the digits' test split, or ``--eval-data`` for image folders."""
     if args.eval_data is not None:
-        return _dataset(args.eval_data, "test", model)
+        held_out = _dataset(args.eval_data, "test", model)
+        _check_image_files(held_out)  # read at the end: check it before the work
+        return held_out
     if args.data == DIGITS:
         return _dataset(DIGITS, "test", model)
     return None
@@ -96,10 +125,84 @@ def _report(args: argparse.Namespace, summary: dict[str, Any], lines: Sequence[s
     if process_group()[0] != 0:
         return
     if args.json:
-        print(json.dumps(summary))
+        print(_json_text(summary))
     else:
         for line in lines:
             print(line)
+
+
+def _json_text(value: Any, **options: Any) -> str:
+    """Strict JSON: NaN and infinities (never valid JSON) become null."""
+    return json.dumps(_finite_or_none(value), allow_nan=False, **options)
+
+
+def _finite_or_none(value: Any) -> Any:
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {key: _finite_or_none(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite_or_none(item) for item in value]
+    return value
+
+
+def _check_outputs(
+    files: Sequence[tuple[str, Path | None]] = (),
+    directories: Sequence[tuple[str, Path | None]] = (),
+    inputs: Sequence[tuple[str, Path | None]] = (),
+) -> None:
+    """Before any work: every output file and directory (``(option, path)``) can be
+    written, is not a directory (files) or a file (directories), and is none of the
+    inputs, also through symbolic or hard links; no input lies in an output directory."""
+    given = [(option, Path(path)) for option, path in inputs if path is not None]
+    outputs = [(option, Path(path), False) for option, path in files if path is not None]
+    outputs += [(option, Path(path), True) for option, path in directories if path is not None]
+    for option, path, is_directory in outputs:
+        if is_directory and path.exists() and not path.is_dir():
+            raise OutputError(f"{option} {path}: exists and is not a directory")
+        if not is_directory and path.is_dir():
+            raise OutputError(f"{option} {path}: is a directory; give a file name")
+        ancestor = path if is_directory and path.is_dir() else path.parent
+        while not ancestor.exists() and ancestor != ancestor.parent:
+            ancestor = ancestor.parent
+        if not ancestor.is_dir():
+            raise OutputError(f"{option} {path}: {ancestor} is not a directory")
+        if not os.access(ancestor, os.W_OK | os.X_OK):
+            raise OutputError(f"{option} {path}: {ancestor} is not writable")
+        if path.exists() and not is_directory and not os.access(path, os.W_OK):
+            raise OutputError(f"{option} {path}: is not writable")
+        for input_option, source in given:
+            if _same_file(path, source):
+                raise OutputError(
+                    f"{option} {path} is also {input_option}: it would overwrite its input; "
+                    "write elsewhere"
+                )
+            if is_directory and source.resolve().is_relative_to(path.resolve()):
+                raise OutputError(f"{input_option} {source} lies in {option} {path}")
+    for index, (option, path, _) in enumerate(outputs):
+        for other_option, other, _ in outputs[index + 1 :]:
+            if _same_file(path, other):
+                raise OutputError(f"{option} and {other_option} are the same path, {path}")
+
+
+def _same_file(first: Path, second: Path) -> bool:
+    if first.resolve() == second.resolve():
+        return True
+    try:
+        return first.exists() and second.exists() and os.path.samefile(first, second)
+    except OSError:
+        return False
+
+
+def _save_output(model: VisionTransformer, path: Path) -> None:
+    """``save_model`` (a temporary file renamed over ``path``), leaving nothing behind
+    when it fails."""
+    try:
+        save_model(model, path)
+    except OSError as error:
+        raise OutputError(f"cannot write {path}: {error}") from None
+    finally:
+        path.with_name(path.name + ".partial").unlink(missing_ok=True)
 
 
 def _loop_options(args: argparse.Namespace) -> dict[str, Any]:
@@ -116,9 +219,18 @@ def _loop_options(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+def _check_loop_arguments(args: argparse.Namespace, model: VisionTransformer) -> None:
+    if args.shift > model.config.img_size:
+        raise UsageError(
+            f"--shift {args.shift}: at most the image size ({model.config.img_size} pixels)"
+        )
+
+
 def _cmd_train(args: argparse.Namespace) -> int:
     init_distributed()
+    _check_outputs(files=[("--out", args.out)], inputs=[("--checkpoint", args.checkpoint)])
     name, model = _build_model(args)
+    _check_loop_arguments(args, model)
     data = _dataset(args.data, "train", model)
     held_out = _eval_dataset(args, model)
     start = time.perf_counter()
@@ -147,7 +259,7 @@ def _save_trained(
     """Evaluate on the held-out set, save ``args.out`` (rank 0) and report."""
     accuracy = evaluate(model, held_out) if held_out is not None else None
     if process_group()[0] == 0:
-        save_model(model, args.out)
+        _save_output(model, args.out)
     summary = {
         **details,
         "checkpoint": str(args.out),
@@ -176,9 +288,19 @@ def _load(path: Path, role: str, num_heads: int | None = None) -> VisionTransfor
 
 def _cmd_slim(args: argparse.Namespace) -> int:
     init_distributed()
+    run_dir = args.run_dir or args.out.with_name(args.out.name + ".run")
+    _check_outputs(
+        files=[("--out", args.out)],
+        directories=[("--run-dir", run_dir)],
+        inputs=[("--checkpoint", args.checkpoint)],
+    )
     name, model = _dense_model(args)
     calib = _dataset(args.data, "train", model)
-    run_dir = args.run_dir or args.out.with_name(args.out.name + ".run")
+    if args.calib_size > len(calib):
+        raise UsageError(
+            f"--calib-size {args.calib_size}: the calibration data {args.data} holds only "
+            f"{len(calib)} images"
+        )
     result = slim(
         model,
         calib,
@@ -197,7 +319,7 @@ def _cmd_slim(args: argparse.Namespace) -> int:
         progress=not args.json,
     )
     if process_group()[0] == 0:
-        save_model(result.model, args.out)
+        _save_output(result.model, args.out)
     dense = flops_of(model.config)
     summary = {
         "model": name,
@@ -226,12 +348,17 @@ def _cmd_slim(args: argparse.Namespace) -> int:
 
 def _cmd_finetune(args: argparse.Namespace) -> int:
     init_distributed()
+    _check_outputs(
+        files=[("--out", args.out)],
+        inputs=[("--checkpoint", args.checkpoint), ("--teacher", args.teacher)],
+    )
     slimmed = _load(args.checkpoint, "--checkpoint", args.num_heads)
     teacher = _load(args.teacher, "--teacher", args.num_heads)
     if teacher.plan is not None:
         raise UsageError("--teacher must be the dense model")
     if teacher.config != slimmed.config:
         raise UsageError("--teacher and --checkpoint have different architectures")
+    _check_loop_arguments(args, slimmed)
     data = _dataset(args.data, "train", slimmed)
     held_out = _eval_dataset(args, slimmed)
     logs = finetune(
@@ -273,9 +400,19 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
-    device = torch.device(args.device)
+    _check_outputs(directories=[("--out", args.out)])
+    try:
+        device = torch.device(args.device)
+    except RuntimeError:
+        raise UsageError(f"--device {args.device}: expected cpu, cuda or cuda:<index>") from None
+    if device.type not in ("cpu", "cuda"):
+        raise UsageError(f"--device {args.device}: expected cpu, cuda or cuda:<index>")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UsageError("--device cuda: CUDA is not available here")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise UsageError(f"--device {args.device}: only {torch.cuda.device_count()} GPU(s) here")
+    if args.cuda_graphs and device.type != "cuda":
+        raise UsageError("--cuda-graphs needs --device cuda")
     timing = {
         "dtype": getattr(torch, args.dtype),
         "device": device,
@@ -304,13 +441,14 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     table = markdown_table(TABLE_HEADERS, [table_row(row) for row in rows])
     if args.out is not None:
         args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "bench.json").write_text(json.dumps(records, indent=2))
-        (args.out / "bench.md").write_text(f"{describe_machine(device)}\n\n{table}\n")
+        _write_text(args.out / "bench.json", _json_text(records, indent=2))
+        _write_text(args.out / "bench.md", f"{describe_machine(device)}\n\n{table}\n")
     _report(args, {"machine": describe_machine(device), "rows": records}, [table])
     return 0
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
+    _check_outputs(files=[("--out", args.out)], inputs=[("--checkpoint", args.checkpoint)])
     model = _load(args.checkpoint, "--checkpoint", args.num_heads)
     export_onnx(
         model,
@@ -336,7 +474,20 @@ def _cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _write_text(path: Path, text: str) -> None:
+    """Write ``path`` through a temporary file renamed over it."""
+    partial = path.with_name(path.name + ".partial")
+    try:
+        partial.write_text(text)
+        os.replace(partial, path)
+    except OSError as error:
+        raise OutputError(f"cannot write {path}: {error}") from None
+    finally:
+        partial.unlink(missing_ok=True)
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
+    _check_outputs(directories=[("--out-dir", args.out_dir)])
     summary = run_demo(
         args.out_dir,
         DemoSettings(
@@ -428,7 +579,7 @@ def _cmd_flops(args: argparse.Namespace) -> int:
     name, model = _build_model(args)
     report = _flops_report(name, model)
     if args.json:
-        print(json.dumps(report))
+        print(_json_text(report))
     else:
         _print_flops(report)
     return 0
@@ -444,7 +595,7 @@ def _cmd_info(args: argparse.Namespace) -> int:
         threads=torch.get_num_threads(),
     )
     if args.json:
-        print(json.dumps(info))
+        print(_json_text(info))
     else:
         for key, value in info.items():
             print(f"{key}: {value}")
@@ -486,9 +637,9 @@ def _parser() -> argparse.ArgumentParser:
     _add_model_source(train_cmd)
     _add_data(train_cmd)
     _add_loop_arguments(train_cmd, epochs=30, lr=1e-3)
-    train_cmd.add_argument("--weight-decay", type=float, default=0.05)
-    train_cmd.add_argument("--warmup-epochs", type=float, default=2.0)
-    train_cmd.add_argument("--label-smoothing", type=float, default=0.1)
+    train_cmd.add_argument("--weight-decay", type=_nonnegative_float, default=0.05)
+    train_cmd.add_argument("--warmup-epochs", type=_nonnegative_float, default=2.0)
+    train_cmd.add_argument("--label-smoothing", type=_fraction, default=0.1, help="in [0, 1]")
     train_cmd.set_defaults(handler=_cmd_train)
 
     slim_cmd = commands.add_parser(
@@ -508,15 +659,20 @@ def _parser() -> argparse.ArgumentParser:
     )
     slim_cmd.add_argument("--out", type=Path, required=True, help="slimmed checkpoint to write")
     slim_cmd.add_argument("--run-dir", type=Path, help="resumable state (default: <out>.run)")
-    slim_cmd.add_argument("--eps", type=float, default=0.01, help="tolerance on E (0.01)")
+    slim_cmd.add_argument(
+        "--eps", type=_nonnegative_float, default=0.01, help="tolerance on E (0.01)"
+    )
     slim_cmd.add_argument("--r", type=_positive_int, default=10, help="patches per step (10)")
     slim_cmd.add_argument(
-        "--block-epochs", type=int, default=3, help="block tuning epochs per step (3; 0: no tuning)"
+        "--block-epochs",
+        type=_nonnegative_int,
+        default=3,
+        help="block tuning epochs per step (3; 0: no tuning)",
     )
     slim_cmd.add_argument("--score", choices=SCORE_METHODS, default="impact")
     slim_cmd.add_argument("--schedule", choices=SCHEDULES, default="tolerance")
     slim_cmd.add_argument(
-        "--flops-ratio", type=float, help="slimmed/dense FLOPs for --schedule uniform"
+        "--flops-ratio", type=_ratio, help="slimmed/dense FLOPs for --schedule uniform, in (0, 1]"
     )
     slim_cmd.add_argument(
         "--keep-counts", type=_int_list, help="comma-separated counts for --schedule fixed"
@@ -546,7 +702,9 @@ def _parser() -> argparse.ArgumentParser:
     _add_data(finetune_cmd)
     _add_loop_arguments(finetune_cmd, epochs=3, lr=1e-4)
     finetune_cmd.add_argument("--distillation", choices=DISTILLATION_MODES, default="soft")
-    finetune_cmd.add_argument("--distill-weight", type=float, default=0.5, help="alpha (0.5)")
+    finetune_cmd.add_argument(
+        "--distill-weight", type=_fraction, default=0.5, help="alpha, in [0, 1] (0.5)"
+    )
     finetune_cmd.add_argument("--temperature", type=_positive_float, default=1.0, help="tau")
     finetune_cmd.set_defaults(handler=_cmd_finetune)
 
@@ -641,12 +799,14 @@ def _parser() -> argparse.ArgumentParser:
         help="where the PNGs, checkpoints and summary go (demo_output)",
     )
     defaults = DemoSettings()
-    demo_cmd.add_argument("--eps", type=float, default=defaults.eps)
+    demo_cmd.add_argument("--eps", type=_nonnegative_float, default=defaults.eps)
     demo_cmd.add_argument("--r", type=_positive_int, default=defaults.r)
-    demo_cmd.add_argument("--block-epochs", type=int, default=defaults.block_epochs)
+    demo_cmd.add_argument("--block-epochs", type=_nonnegative_int, default=defaults.block_epochs)
     demo_cmd.add_argument("--calib-size", type=_positive_int, default=defaults.calib_size)
-    demo_cmd.add_argument("--finetune-epochs", type=int, default=defaults.finetune_epochs)
-    demo_cmd.add_argument("--seed", type=int, default=defaults.seed)
+    demo_cmd.add_argument(
+        "--finetune-epochs", type=_nonnegative_int, default=defaults.finetune_epochs
+    )
+    demo_cmd.add_argument("--seed", type=_seed, default=defaults.seed)
     demo_cmd.add_argument("--json", action="store_true", help="print a JSON summary on stdout")
     demo_cmd.set_defaults(handler=_cmd_demo)
 
@@ -660,10 +820,29 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+_MAX_INT = 2**31 - 1  # counts beyond this overflow somewhere (and make no sense)
+
+
 def _positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    if value > _MAX_INT:
+        raise argparse.ArgumentTypeError(f"must be at most {_MAX_INT}, got {text}")
+    return value
+
+
+def _nonnegative_int(text: str) -> int:
+    value = int(text)
+    if not 0 <= value <= _MAX_INT:
+        raise argparse.ArgumentTypeError(f"must be an integer in [0, {_MAX_INT}], got {text}")
+    return value
+
+
+def _seed(text: str) -> int:
+    value = int(text)
+    if not 0 <= value < 2**32:
+        raise argparse.ArgumentTypeError(f"must be an integer in [0, 2**32), got {text}")
     return value
 
 
@@ -676,10 +855,35 @@ def _int_list(text: str) -> list[int]:
         ) from None
 
 
+# Float options must be finite in float32, the dtype of the weights they scale.
+_MAX_FLOAT = float(torch.finfo(torch.float32).max)
+
+
 def _positive_float(text: str) -> float:
     value = float(text)
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be positive, got {text}")
+    if not 0 < value <= _MAX_FLOAT:
+        raise argparse.ArgumentTypeError(f"must be positive and finite (float32), got {text}")
+    return value
+
+
+def _nonnegative_float(text: str) -> float:
+    value = float(text)
+    if not 0 <= value <= _MAX_FLOAT:
+        raise argparse.ArgumentTypeError(f"must be >= 0 and finite (float32), got {text}")
+    return value
+
+
+def _fraction(text: str) -> float:
+    value = float(text)
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1], got {text}")
+    return value
+
+
+def _ratio(text: str) -> float:
+    value = float(text)
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {text}")
     return value
 
 
@@ -729,25 +933,49 @@ def _add_loop_arguments(parser: argparse.ArgumentParser, *, epochs: int, lr: flo
     parser.add_argument("--lr", type=_positive_float, default=lr, help="peak learning rate")
     parser.add_argument(
         "--shift",
-        type=int,
+        type=_nonnegative_int,
         default=0,
         help="random shifts of up to this many pixels (augmentation; 0: none)",
+    )
+    parser.add_argument(
+        "--workers", type=_nonnegative_int, default=0, help="data-loading processes"
     )
     _add_common(parser)
 
 
 def _add_common(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
-    parser.add_argument("--workers", type=int, default=0, help="data-loading processes")
+    parser.add_argument("--seed", type=_seed, default=0, help="random seed (default: 0)")
     parser.add_argument("--json", action="store_true", help="print a JSON summary on stdout")
 
 
+def _check_cpu_isa() -> None:
+    """A bad ``PATCHSLIM_CPU_ISA`` is reported before any work, not at the first kernel."""
+    try:
+        cpu_isa()
+    except (RuntimeError, ValueError) as error:
+        raise UsageError(str(error).strip().splitlines()[0]) from None
+
+
+def _one_line(error: BaseException) -> str:
+    """The message of an expected error in one line. An error raised in a DataLoader
+    worker comes back wrapped in the worker's traceback: its last line is the message."""
+    text = str(error).strip()
+    if "Original Traceback" in text:
+        last = text.splitlines()[-1]
+        text = last.split(": ", 1)[1] if ": " in last else last
+    return "; ".join(line.strip() for line in text.splitlines() if line.strip())
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command; an expected error (:class:`PatchslimError`: bad arguments or
+    input, outputs that cannot be written, a diverging run) ends in one line on stderr
+    and exit code 2. Anything else is a bug and keeps its traceback."""
     try:
         args = _parser().parse_args(argv)
+        _check_cpu_isa()
         return args.handler(args)
-    except (UsageError, ValueError) as error:
-        print(f"patchslim: error: {error}", file=sys.stderr)
+    except PatchslimError as error:
+        print(f"patchslim: error: {_one_line(error)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("patchslim: interrupted (slim resumes from its --run-dir)", file=sys.stderr)

@@ -22,6 +22,8 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset, Sampler, TensorDataset
 
+from patchslim_ext.errors import DataError, UsageError
+
 DIGITS = "digits"
 DIGITS_SPLITS = ("train", "test")
 DIGITS_SPLIT_SEED = 0
@@ -63,7 +65,7 @@ def load_digits(split: str) -> TensorDataset:
     mean and standard deviation, and labels (n,) int64 in [0, 10).
     """
     if split not in DIGITS_SPLITS:
-        raise ValueError(f"split must be one of {DIGITS_SPLITS}, got {split!r}")
+        raise UsageError(f"split must be one of {DIGITS_SPLITS}, got {split!r}")
     with gzip.open(digits_csv_path(), "rt") as handle:
         table = np.loadtxt(handle, delimiter=",", dtype=np.uint8)
     train_rows, test_rows = digits_split_indices(table.shape[0])
@@ -88,7 +90,7 @@ class ImageFolder(Dataset):
         if not self.root.is_dir():
             raise FileNotFoundError(f"image folder {self.root} does not exist")
         if in_chans not in (1, 3):
-            raise ValueError(f"in_chans must be 1 or 3 for an image folder, got {in_chans}")
+            raise UsageError(f"in_chans must be 1 or 3 for an image folder, got {in_chans}")
         self.classes = sorted(entry.name for entry in self.root.iterdir() if entry.is_dir())
         self.samples = [
             (path, label)
@@ -96,6 +98,7 @@ class ImageFolder(Dataset):
             for path in sorted((self.root / name).rglob("*"))
             if path.suffix.lower() in IMAGE_EXTENSIONS
         ]
+        _check_no_empty_class(self.root, self.classes, self.samples)
         if not self.samples:
             raise FileNotFoundError(
                 f"no images in {self.root}: expected {self.root}/<class>/<image> "
@@ -107,10 +110,32 @@ class ImageFolder(Dataset):
     def __len__(self) -> int:
         return len(self.samples)
 
+    def check_files(self) -> None:
+        """Open every image and check its structure (PIL's ``verify``: the header, and
+        for PNG every chunk's checksum, without decoding), so that a file that is not an
+        image or is truncated is reported before any work; raises :class:`DataError`
+        naming the first such file."""
+        from PIL import Image
+
+        for path, _ in self.samples:
+            try:
+                with Image.open(path) as image:
+                    image.verify()
+            except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
+                raise DataError(f"cannot read image {path}: {_first_line(error)}") from None
+
     def __getitem__(self, index: int) -> tuple[Tensor, int]:
         from PIL import Image
 
         path, label = self.samples[index]
+        try:
+            return self._read(path, label)
+        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
+            raise DataError(f"cannot read image {path}: {_first_line(error)}") from None
+
+    def _read(self, path: Path, label: int) -> tuple[Tensor, int]:
+        from PIL import Image
+
         with Image.open(path) as image:
             image = image.convert("L" if self.in_chans == 1 else "RGB")
             resize = round(self.img_size * 256 / 224)
@@ -126,11 +151,29 @@ class ImageFolder(Dataset):
         return (pixels - mean.view(-1, 1, 1)) / std.view(-1, 1, 1), label
 
 
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+def _check_no_empty_class(root: Path, classes: Sequence[str], samples: Sequence) -> None:
+    """An empty class folder would silently take a label: refuse it, naming it."""
+    counts = dict.fromkeys(range(len(classes)), 0)
+    for _, label in samples:
+        counts[label] += 1
+    empty = [classes[label] for label, count in counts.items() if count == 0]
+    if empty and samples:
+        raise DataError(
+            f"class folder {root / empty[0]} holds no images (with one of "
+            f"{', '.join(IMAGE_EXTENSIONS)}); every folder under {root} is a class"
+        )
+
+
 def load_dataset(source: str, split: str, img_size: int, in_chans: int) -> Dataset:
     """``"digits"`` (with ``split``) or the path of an image folder (``split`` unused)."""
     if source == DIGITS:
         if (img_size, in_chans) != (DIGITS_IMAGE_SIZE, 1):
-            raise ValueError(
+            raise UsageError(
                 f"the built-in digits are 1×28×28 images; the model expects "
                 f"{in_chans}×{img_size}×{img_size}"
             )
@@ -159,12 +202,12 @@ class GlobalBatchSampler(Sampler[list[int]]):
         world_size: int = 1,
     ) -> None:
         if batch_size < world_size or batch_size % world_size:
-            raise ValueError(
+            raise UsageError(
                 f"batch_size ({batch_size}) must be a multiple of the number of "
                 f"processes ({world_size})"
             )
         if drop_last and length < batch_size:
-            raise ValueError(f"the dataset has {length} items, fewer than one batch ({batch_size})")
+            raise UsageError(f"the dataset has {length} items, fewer than one batch ({batch_size})")
         self.length = length
         self.batch_size = batch_size
         self.shuffle = shuffle
@@ -204,7 +247,9 @@ def take_images(dataset: Dataset, count: int, seed: int) -> Tensor:
     """``count`` images drawn without replacement (seeded), stacked: (count, ...)."""
     length = len(dataset)  # type: ignore[arg-type]
     if count < 1:
-        raise ValueError(f"count must be at least 1, got {count}")
+        raise UsageError(f"count must be at least 1, got {count}")
+    if count > length:
+        raise UsageError(f"asked for {count} images, but the dataset holds only {length}")
     indices = torch.randperm(length, generator=torch.Generator().manual_seed(seed))[:count]
     if isinstance(dataset, TensorDataset):
         return dataset.tensors[0][indices]

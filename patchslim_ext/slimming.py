@@ -25,7 +25,9 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import math
 import os
+import re
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -33,23 +35,31 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
 from patchslim_ext.data import take_images
+from patchslim_ext.errors import NonFiniteError, OutputError, ResumeError, UsageError
 from patchslim_ext.flops import flops_of
 from patchslim_ext.plan import SlimPlan, check_keep_counts
 from patchslim_ext.pruning import pruned_block
 from patchslim_ext.scoring import SCORE_METHODS, ScoreAccumulator
 from patchslim_ext.timm_models import prunable
-from patchslim_ext.training import all_reduce_sum, process_group
+from patchslim_ext.training import (
+    all_reduce_sum,
+    check_finite_step,
+    optimizer_step,
+    process_group,
+)
 from patchslim_ext.vit import ViTConfig
 
 SCHEDULES = ("tolerance", "uniform", "fixed")
 STATE_FILE = "state.json"
 _STATE_VERSION = 1
+_WEIGHTS_NAME = re.compile(r"weights-\d+\.safetensors")
 
 
 @dataclass
@@ -107,7 +117,7 @@ def uniform_keep_counts(config: ViTConfig, flops_ratio: float) -> list[int]:
     the head reads), n the smallest count (at least the prefix tokens) whose FLOPs reach
     ``flops_ratio`` × dense."""
     if not 0.0 < flops_ratio <= 1.0:
-        raise ValueError(f"flops_ratio must be in (0, 1], got {flops_ratio}")
+        raise UsageError(f"flops_ratio must be in (0, 1], got {flops_ratio}")
     target = flops_ratio * flops_of(config)
     last = [config.num_head_tokens]
     for n in range(config.num_prefix_tokens, config.num_tokens + 1):
@@ -141,26 +151,79 @@ class _RunDirectory:
             return None
         try:
             saved = json.loads(state_path.read_text())
+            if not isinstance(saved, dict):
+                raise ResumeError(f"{STATE_FILE} does not hold a JSON object")
             if saved.get("version") != _STATE_VERSION:
-                raise ValueError(f"unknown state version {saved.get('version')}")
+                raise ResumeError(f"unknown state version {saved.get('version')}")
             if saved["fingerprint"] != self.fingerprint:
-                raise ValueError(
+                raise ResumeError(
                     "it holds a run of a different model or different settings; use another "
                     "run directory or delete this one"
                 )
-            weights = load_file(self.path / saved["weights"])
-            student.load_state_dict(weights, strict=False)
-            return _State(
-                kept_order=[int(t) for t in saved["kept_order"]],
-                keep_counts={int(b): int(n) for b, n in saved["keep_counts"].items()},
+            state = _State(
+                kept_order=[_json_int(t) for t in saved["kept_order"]],
+                keep_counts={int(b): _json_int(n) for b, n in saved["keep_counts"].items()},
                 log=[BlockLog(**entry) for entry in saved["log"]],
             )
-        except (OSError, KeyError, TypeError, json.JSONDecodeError) as error:
-            raise ValueError(f"cannot resume from {self.path}: {error}") from None
-        except ValueError as error:
-            raise ValueError(f"cannot resume from {self.path}: {error}") from None
+            _check_state(state, student.config)
+            weights = self._tuned_weights(saved["weights"], state, student)
+            student.load_state_dict(weights, strict=False)  # exactly the tuned blocks
+            return state
+        except ResumeError as error:
+            raise ResumeError(f"cannot resume from {self.path}: {error}") from None
+        except (OSError, KeyError, TypeError, AttributeError, ValueError, SafetensorError) as error:
+            reason = str(error).strip().splitlines()[0] if str(error).strip() else ""
+            raise ResumeError(
+                f"cannot resume from {self.path}: {type(error).__name__}: {reason}"
+            ) from None
+
+    def _tuned_weights(self, name: object, state: _State, student: nn.Module) -> dict:
+        """The weights file ``name`` of the run directory, checked against the model: a
+        plain ``weights-<block>.safetensors`` file in the directory, holding exactly the
+        tensors of the blocks done (``state.keep_counts``), with the model's shapes and
+        dtypes, all finite."""
+        if not isinstance(name, str) or not _WEIGHTS_NAME.fullmatch(name):
+            raise ResumeError(
+                f"{STATE_FILE} names the weights {name!r}, not a weights-<block>.safetensors "
+                "file in the run directory"
+            )
+        path = self.path / name
+        if path.is_symlink() or not path.is_file():
+            raise ResumeError(f"{name} is missing or not a plain file")
+        try:
+            weights = load_file(path)
+        except (OSError, SafetensorError) as error:
+            raise ResumeError(f"cannot read {name}: {error}") from None
+        prefixes = tuple(f"blocks.{b}." for b in state.keep_counts)
+        expected = {k: v for k, v in student.state_dict().items() if k.startswith(prefixes)}
+        missing = sorted(set(expected) - set(weights))
+        unexpected = sorted(set(weights) - set(expected))
+        if missing or unexpected:
+            problems = [f"lacks {', '.join(missing[:3])}" if missing else ""]
+            problems.append(f"has unexpected {', '.join(unexpected[:3])}" if unexpected else "")
+            raise ResumeError(
+                f"{name} does not hold exactly the tuned blocks "
+                f"{sorted(b + 1 for b in state.keep_counts)}: "
+                + "; ".join(problem for problem in problems if problem)
+                + (" ..." if len(missing) > 3 or len(unexpected) > 3 else "")
+            )
+        for key, tensor in weights.items():
+            if tensor.shape != expected[key].shape or tensor.dtype != expected[key].dtype:
+                raise ResumeError(
+                    f"{name}: {key} is {tensor.dtype} {tuple(tensor.shape)}, the model's is "
+                    f"{expected[key].dtype} {tuple(expected[key].shape)}"
+                )
+            if not bool(torch.isfinite(tensor).all()):
+                raise ResumeError(f"{name}: {key} holds NaN or infinite values")
+        return weights
 
     def save(self, state: _State, student: nn.Module, block: int) -> None:
+        try:
+            self._save(state, student, block)
+        except OSError as error:
+            raise OutputError(f"cannot write the run directory {self.path}: {error}") from None
+
+    def _save(self, state: _State, student: nn.Module, block: int) -> None:
         self.path.mkdir(parents=True, exist_ok=True)
         tuned = {f"blocks.{b}." for b in state.keep_counts}
         weights = {
@@ -186,10 +249,50 @@ class _RunDirectory:
 
 def _atomic(path: Path, write: Callable[[Path], object]) -> None:
     partial = path.with_name(path.name + ".partial")
-    write(partial)
-    with open(partial, "rb") as handle:
-        os.fsync(handle.fileno())
-    os.replace(partial, path)
+    try:
+        write(partial)
+        with open(partial, "rb") as handle:
+            os.fsync(handle.fileno())
+        os.replace(partial, path)
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
+
+
+def _json_int(value: object) -> int:
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise ResumeError(f"{STATE_FILE} holds {value!r} where an integer belongs")
+    return value
+
+
+def _check_state(state: _State, config: ViTConfig) -> None:
+    """A saved state that the model can resume from: the blocks done are the deepest
+    ones, their keep counts nested (non-increasing with depth, the last block keeping the
+    head's tokens), the kept tokens distinct, prefix tokens first, as many as the
+    shallowest block done keeps, and one log entry per slimmed block."""
+    tokens, depth, prefix = config.num_tokens, config.depth, config.num_prefix_tokens
+    done = sorted(state.keep_counts)
+    if done != list(range(depth - len(done), depth)) or len(done) < 2:
+        raise ResumeError(f"the blocks done, {[b + 1 for b in done]}, are not the deepest ones")
+    counts = [state.keep_counts[b] for b in done]
+    if (
+        counts[-1] != config.num_head_tokens
+        or counts != sorted(counts, reverse=True)
+        or not prefix <= counts[0] <= tokens
+    ):
+        raise ResumeError(f"keep counts {counts} are not nested within 1..{tokens}")
+    order = state.kept_order
+    if (
+        order[:prefix] != list(range(prefix))
+        or len(set(order)) != len(order)
+        or not all(0 <= t < tokens for t in order)
+    ):
+        raise ResumeError("the kept tokens are not distinct tokens starting with the prefix tokens")
+    if len(order) != counts[0]:
+        raise ResumeError(f"{len(order)} tokens kept but block {done[0] + 1} keeps {counts[0]}")
+    logged = sorted(entry.block - 1 for entry in state.log)
+    if logged != done[:-1]:
+        raise ResumeError(f"the log covers blocks {[b + 1 for b in logged]}, not the blocks done")
 
 
 @torch.no_grad()
@@ -263,7 +366,9 @@ def _relative_error(
             sums[0] += (x[:, : counts[block + 1]] - target).double().square().sum().item()
             sums[1] += target.double().square().sum().item()
     error, norm = all_reduce_sum(sums).tolist()
-    return error / norm
+    if norm > 0 or math.isnan(norm):
+        return error / norm  # NaN where the model's own rows are NaN
+    return 0.0 if error == 0 else math.inf  # the model's rows are zero: E is undefined
 
 
 def _tune_block(
@@ -297,7 +402,7 @@ def _tune_block(
     student.requires_grad_(False)
     for param in params:
         param.requires_grad_(True)
-    for _ in range(epochs):
+    for epoch in range(epochs):
         permutation = torch.randperm(inputs.shape[0], generator=generator)
         for start in range(0, inputs.shape[0], local_batch):
             index = permutation[start : start + local_batch]
@@ -310,7 +415,9 @@ def _tune_block(
             if world > 1:
                 for param in params:
                     dist.all_reduce(param.grad)
-            optimizer.step()
+            where = f"block {block + 1}, tuning epoch {epoch + 1}, batch {start // local_batch + 1}"
+            check_finite_step(loss, params, where)
+            optimizer_step(optimizer, where)
     student.requires_grad_(False)
 
 
@@ -367,16 +474,17 @@ def slim(
     config = teacher.config
     tokens, depth = config.num_tokens, config.depth
     if score not in SCORE_METHODS:
-        raise ValueError(f"score must be one of {SCORE_METHODS}, got {score!r}")
+        raise UsageError(f"score must be one of {SCORE_METHODS}, got {score!r}")
     if schedule not in SCHEDULES:
-        raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
-    if r < 1 or block_epochs < 0 or not eps >= 0 or batch_size < 1:
-        raise ValueError(
-            f"need r >= 1, block_epochs >= 0, eps >= 0 and batch_size >= 1; got r={r}, "
-            f"block_epochs={block_epochs}, eps={eps}, batch_size={batch_size}"
+        raise UsageError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
+    if r < 1 or block_epochs < 0 or not 0 <= eps < math.inf or batch_size < 1 or not lr > 0:
+        raise UsageError(
+            f"need r >= 1, block_epochs >= 0, finite eps >= 0, batch_size >= 1 and lr > 0; "
+            f"got r={r}, block_epochs={block_epochs}, eps={eps}, batch_size={batch_size}, "
+            f"lr={lr}"
         )
     if depth < 2:
-        raise ValueError("slimming needs at least two blocks")
+        raise UsageError("slimming needs at least two blocks")
     targets_per_block = _target_counts(config, schedule, flops_ratio, keep_counts)
     rank, world = process_group()
 
@@ -386,7 +494,7 @@ def slim(
         images = take_images(calib, calib_size or len(calib), seed)  # type: ignore[arg-type]
     expected = (config.in_chans, config.img_size, config.img_size)
     if images.dim() != 4 or tuple(images.shape[1:]) != expected or images.shape[0] == 0:
-        raise ValueError(
+        raise UsageError(
             f"calibration images must have shape (M, {', '.join(map(str, expected))}), "
             f"got {tuple(images.shape)}"
         )
@@ -420,6 +528,8 @@ def slim(
         scores = _block_scores(
             student, score_images, inputs, block, state, score, generator, batch_size
         )
+        if not bool(torch.isfinite(scores).all()):
+            raise NonFiniteError(f"block {block + 1}: the patch scores are not finite")
         kept = set(state.kept_order)
         candidates = [t for t in torch.argsort(-scores, stable=True).tolist() if t not in kept]
         target = targets_per_block[block] if targets_per_block else None
@@ -438,6 +548,11 @@ def slim(
                 seed=seed * 104729 + block * 1009 + step,
             )  # fmt: skip
             error = _relative_error(student, block, block_inputs, block_targets, counts, batch_size)
+            if not math.isfinite(error):
+                raise NonFiniteError(
+                    f"block {block + 1}, step {step + 1}: the reconstruction error E is {error}; "
+                    "stopped there (blocks finished before are kept in the run directory)"
+                )
             entry.errors.append(error)
             entry.kept_per_step.append(counts[block])
             blocks.set_postfix(block=block + 1, kept=counts[block], E=f"{error:.4f}")
@@ -473,17 +588,20 @@ def _target_counts(
 ) -> list[int] | None:
     if schedule == "tolerance":
         if flops_ratio is not None or keep_counts is not None:
-            raise ValueError("schedule='tolerance' takes neither flops_ratio nor keep_counts")
+            raise UsageError("schedule='tolerance' takes neither flops_ratio nor keep_counts")
         return None
     if schedule == "uniform":
         if flops_ratio is None or keep_counts is not None:
-            raise ValueError("schedule='uniform' needs flops_ratio (and no keep_counts)")
+            raise UsageError("schedule='uniform' needs flops_ratio (and no keep_counts)")
         return uniform_keep_counts(config, flops_ratio)
     if keep_counts is None or flops_ratio is not None:
-        raise ValueError("schedule='fixed' needs keep_counts (and no flops_ratio)")
-    counts = list(check_keep_counts(keep_counts, config.num_tokens, config.depth))
+        raise UsageError("schedule='fixed' needs keep_counts (and no flops_ratio)")
+    try:
+        counts = list(check_keep_counts(keep_counts, config.num_tokens, config.depth))
+    except ValueError as error:
+        raise UsageError(f"keep_counts {list(keep_counts)}: {error}") from None
     if counts[-1] != config.num_head_tokens or counts[-2] < config.num_prefix_tokens:
-        raise ValueError(
+        raise UsageError(
             f"keep_counts must end with {config.num_head_tokens} (the last block keeps the "
             f"tokens the head reads) and keep the {config.num_prefix_tokens} prefix tokens "
             f"before that, got {counts}"

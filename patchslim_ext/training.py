@@ -23,7 +23,7 @@ from __future__ import annotations
 import math
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
 
 import torch
@@ -35,6 +35,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from patchslim_ext.data import GlobalBatchSampler, collate
+from patchslim_ext.errors import NonFiniteError
 
 DISTILLATION_MODES = ("none", "soft", "hard")
 
@@ -80,6 +81,47 @@ def all_reduce_sum(values: Tensor) -> Tensor:
         values = values.clone()
         dist.all_reduce(values)
     return values
+
+
+def check_finite_step(loss: Tensor, params: Iterable[Tensor], where: str) -> None:
+    """Raise :class:`NonFiniteError` naming ``where`` if ``loss`` or a gradient of
+    ``params`` is NaN or infinite on any process (call after ``backward``, and after the
+    gradients are summed over processes, before the optimiser step)."""
+    grads = [param.grad for param in params if param.grad is not None]
+    loss_ok = bool(torch.isfinite(loss.detach()).all())
+    grads_ok = not grads or bool(torch.stack([torch.isfinite(g).all() for g in grads]).all())
+    bad = all_reduce_sum(torch.tensor([float(not loss_ok), float(not grads_ok)]))
+    if bad.any():
+        what = "the loss" if bad[0] else "a gradient"
+        value = f" ({loss.item():.4g})" if not loss_ok else ""
+        raise NonFiniteError(
+            f"{where}: {what} is not finite{value}; stopped there, nothing was written "
+            "(a lower learning rate may help)"
+        )
+
+
+def optimizer_step(optimizer: torch.optim.Optimizer, where: str) -> None:
+    """``optimizer.step()``; a step too large for the parameters' dtype (torch refuses to
+    convert the update's scalar) is a :class:`NonFiniteError` naming ``where``."""
+    try:
+        optimizer.step()
+    except RuntimeError as error:
+        if "without overflow" not in str(error):
+            raise
+        raise NonFiniteError(
+            f"{where}: the optimiser step overflows the parameters' dtype; stopped there, "
+            "nothing was written (a lower learning rate may help)"
+        ) from None
+
+
+def check_finite_parameters(module: nn.Module, where: str) -> None:
+    """Raise :class:`NonFiniteError` if a parameter of ``module`` is NaN or infinite."""
+    for name, param in module.named_parameters():
+        if not bool(torch.isfinite(param.detach()).all()):
+            raise NonFiniteError(
+                f"{where}: parameter {name} is not finite; nothing was written "
+                "(a lower learning rate may help)"
+            )
 
 
 def _apply_shifts(images: Tensor, shifts: Tensor, max_shift: int) -> Tensor:
@@ -205,7 +247,7 @@ def train(
             leave=False,
             unit="batch",
         )
-        for images, labels in bar:
+        for batch, (images, labels) in enumerate(bar):
             if max_shift:
                 # Shifts are drawn for the whole global batch, then sliced, so that the
                 # augmentation does not depend on the number of processes.
@@ -234,7 +276,9 @@ def train(
             )
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            optimizer.step()
+            where = f"epoch {epoch + 1}, step {batch + 1}/{len(sampler)}"
+            check_finite_step(loss, model.parameters(), where)
+            optimizer_step(optimizer, where)
             loss_sum += torch.tensor([loss.item() * labels.numel(), labels.numel()])
             bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{current_lr:.2e}")
             step += 1
@@ -248,6 +292,7 @@ def train(
         logs.append(log)
         if on_epoch_end is not None:
             on_epoch_end(log)
+    check_finite_parameters(model, f"after epoch {epochs}")
     model.eval()
     return logs
 

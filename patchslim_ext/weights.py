@@ -1,6 +1,6 @@
 """Reading state dicts without pickle, and strict loading with errors that name the key.
 
-A leaf module: it imports nothing from the package, so that models, checkpoints and
+A leaf module (it imports only the error classes), so that models, checkpoints and
 tools can all use it without import cycles.
 
 - ``.safetensors`` files, and
@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import re
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
@@ -22,9 +23,9 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import Tensor, nn
 
+from patchslim_ext.errors import CheckpointError
 
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be read or does not fit the model."""
+__all__ = ["CheckpointError", "load_state_dict_file", "load_state_dict_strict"]
 
 
 def load_state_dict_file(path: str | os.PathLike) -> dict[str, Tensor]:
@@ -55,9 +56,7 @@ def load_state_dict_file(path: str | os.PathLike) -> dict[str, Tensor]:
         EOFError,
         ValueError,
     ) as error:
-        # torch's unpickling errors span paragraphs; the first line names the problem.
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise CheckpointError(f"cannot read checkpoint {path}: {reason}") from error
+        raise CheckpointError(f"cannot read checkpoint {path}: {_load_failure(error)}") from error
     if isinstance(payload, Mapping):
         for entry in ("model", "state_dict"):
             if isinstance(payload.get(entry), Mapping):
@@ -68,6 +67,21 @@ def load_state_dict_file(path: str | os.PathLike) -> dict[str, Tensor]:
     ):
         raise CheckpointError(f"{path} does not hold a state dict of tensors")
     return dict(payload)
+
+
+def _load_failure(error: BaseException) -> str:
+    """One line saying why a file could not be read. torch's refusal of a pickle that
+    holds more than tensors spans paragraphs and suggests ``weights_only=False`` (running
+    the file's code): we keep only what it refused."""
+    text = str(error).strip()
+    if isinstance(error, pickle.UnpicklingError) and "Weights only load failed" in text:
+        refused = re.search(r"WeightsUnpickler error: ([^\n]*?)(?: was not an allowed|\n|$)", text)
+        detail = f" ({refused.group(1).strip()})" if refused else ""
+        return (
+            f"it is a pickle holding more than tensors{detail}; patchslim loads weights "
+            "only and never runs code from a checkpoint"
+        )
+    return text.splitlines()[0] if text else type(error).__name__
 
 
 def load_state_dict_strict(model: nn.Module, state_dict: Mapping[str, Tensor]) -> None:
