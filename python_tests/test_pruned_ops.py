@@ -752,3 +752,19 @@ def test_opcheck_bfloat16_cpu():
     torch.library.opcheck(
         ops.prefix_layer_norm.default, (x.clone().requires_grad_(), 3, msa[0], msa[1], EPS)
     )
+
+
+def test_backward_through_either_output_alone():
+    """Unused outputs get no zero gradient (set_materialize_grads(False)): the backward
+    still runs, and matches the reference's, when only attn or only out is used."""
+    x, msa, _ = _block_inputs(tokens=9, seed=24)
+    leaves = [t.clone().requires_grad_() for t in (x, *msa)]
+    for pick in (0, 1):
+        got = torch.autograd.grad(pruned_msa(leaves[0], 5, 3, *leaves[1:])[pick].sum(), leaves)
+        want = torch.autograd.grad(
+            _pruned_msa_reference(leaves[0], 5, 3, *leaves[1:], EPS)[pick].sum(),
+            leaves,
+            allow_unused=True,  # the probabilities do not depend on the output projection
+        )
+        want = [torch.zeros_like(t) if g is None else g for g, t in zip(want, leaves, strict=True)]
+        _assert_all_close(got, want, torch.float64, f"output {pick}")

@@ -200,7 +200,11 @@ MsaProjections msa_projections(const at::Tensor& normed, int64_t n_keep, int64_t
     if (!p.qkv_bias.has_value()) return std::nullopt;
     return p.qkv_bias->narrow(0, start, length);
   };
-  return {at::linear(normed.narrow(1, 0, n_keep), p.qkv_weight.narrow(0, 0, C), bias(0, C)),
+  // The kept rows as one contiguous (B, n, C) block: on the row slice itself at::linear
+  // can take a batched GEMM that copies the weight once per image (B·C² elements, 7 of
+  // 10 ms for DeiT-B in bfloat16) instead of these B·n·C.
+  const auto kept = normed.narrow(1, 0, n_keep).contiguous();
+  return {at::linear(kept, p.qkv_weight.narrow(0, 0, C), bias(0, C)),
           at::linear(normed, p.qkv_weight.narrow(0, C, 2 * C), bias(C, 2 * C)), num_heads};
 }
 

@@ -144,7 +144,7 @@ struct AttentionArgs {
   const T* k;
   const T* v;
   T* out;
-  T* probs;  // (B, H, n, N) contiguous, or nullptr when not wanted
+  T* probs;  // (B, H, n, N) contiguous
   int64_t q_strides[3], k_strides[3], v_strides[3], out_strides[3];
   int64_t heads, queries, keys, dim;
   acc_t<T> scale;

@@ -103,15 +103,16 @@ struct CpuBlock {
   static std::tuple<at::Tensor, at::Tensor> attention(const at::Tensor& q, const at::Tensor& k,
                                                       const at::Tensor& v, double scale,
                                                       bool want_probs) {
+    // Each path where it is fastest (bench/results/pruned_block_cpu.md): without
+    // probabilities (pruned_msa_) ATen's flash attention in every dtype; with them, the
+    // fused kernel in float32/float64, and in bfloat16/float16 oneDNN's GEMMs (AMX where
+    // the CPU has it) around ATen's softmax, as the fused kernel's broadcast FMAs run
+    // in float32.
+    if (!want_probs) {
+      return {block::merge_heads(at::scaled_dot_product_attention(q, k, v, {}, 0.0, false, scale)),
+              at::Tensor()};
+    }
     if (at::isReducedFloatingType(q.scalar_type())) {
-      // bfloat16/float16: oneDNN's GEMMs (AMX where the CPU has it) and ATen's softmax,
-      // or its flash attention when no probabilities are wanted, beat the fused kernel,
-      // whose broadcast FMAs run in float32 (bench/results/pruned_block_cpu.md).
-      if (!want_probs) {
-        return {block::merge_heads(at::scaled_dot_product_attention(q, k, v, {}, 0.0, false,
-                                                                    scale)),
-                at::Tensor()};
-      }
       auto probs = at::_softmax(at::matmul(q, k.transpose(-2, -1)).mul_(scale), -1, false);
       return {block::merge_heads(at::matmul(probs, v)), probs};
     }
@@ -123,7 +124,7 @@ struct CpuBlock {
     auto context = at::empty({B, n, H * d}, q.options());
     // Heads side by side in the context rows: (B, H, n, d) view of (B, n, C).
     const auto out = context.view({B, n, H, d}).transpose(1, 2);
-    at::Tensor probs = want_probs ? at::empty({B, H, n, N}, q.options()) : at::Tensor();
+    auto probs = at::empty({B, H, n, N}, q.options());
     if (context.numel() == 0) return {context, probs};
     const int64_t threads = at::get_num_threads();
     const int64_t scratch_size = (d + kAttentionRows) * N;
@@ -133,7 +134,7 @@ struct CpuBlock {
                                    k.const_data_ptr<scalar_t>(),
                                    v.const_data_ptr<scalar_t>(),
                                    out.mutable_data_ptr<scalar_t>(),
-                                   want_probs ? probs.mutable_data_ptr<scalar_t>() : nullptr,
+                                   probs.mutable_data_ptr<scalar_t>(),
                                    {},
                                    {},
                                    {},

@@ -45,8 +45,8 @@ float16 (float32 accumulation), CUDA float32. Not differentiable.
 Pruned block (paper Eq. 2, DESIGN.md §3): block input ``x`` (B, N, C) whose kept tokens
 are rows ``[0, n_keep)``; weights in timm's layout. dtypes: CPU float32/float64/bfloat16/
 float16; CUDA float32/float16/bfloat16; the row kernels (LayerNorm, softmax, bias+GELU,
-bias+residual, the fused CPU attention) accumulate bfloat16/float16 in float32, the GEMMs
-are ATen's (oneDNN on CPU). The forward ops are differentiable in every floating input
+bias+residual) accumulate bfloat16/float16 in float32, the GEMMs are ATen's (oneDNN on
+CPU). The forward ops are differentiable in every floating input
 through their own backward ops; besides their results they return the activations
 the backward reads (as ``native_layer_norm`` returns its statistics). The ``_`` ops
 update ``x`` in place for inference.
@@ -60,10 +60,13 @@ Tensor context)``
     the probabilities; saved for the backward: ``q`` (B, n_keep, C), ``kv`` (B, N, 2C),
     ``context`` (B, n_keep, C). ``qkv_weight`` (3C, C), ``qkv_bias`` (3C,) or ``None``
     (no bias), ``proj_weight`` (C, C). ``scale`` ``s``: ``None`` is ``1/√d``, d = C/H.
-    On CPU the attention core is one fused kernel.
+    The attention core on CPU, each path where the benchmark (``bench/bench_pruned_block.py``)
+    has it fastest: a fused kernel (float32/float64) or oneDNN matmuls around ATen's
+    softmax (bfloat16/float16).
 
 ``patchslim::pruned_msa_(Tensor(a!) x, …, float eps, float? scale=None) -> ()``: the same,
-written into ``x[:, :n_keep]``; no probabilities are formed.
+written into ``x[:, :n_keep]``; no probabilities are formed, so the attention core is
+ATen's ``scaled_dot_product_attention`` (faster than the fused kernel on CPU).
 
 ``patchslim::pruned_msa_backward(Tensor grad_out, Tensor? grad_attn, Tensor x, …,
 Tensor attn, Tensor q, Tensor kv, Tensor context, float? scale=None) -> (grad_x,

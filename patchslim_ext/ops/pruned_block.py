@@ -90,10 +90,17 @@ def _msa_setup_context(ctx, inputs, output) -> None:
     _out, attn, q, kv, context = output
     ctx.save_for_backward(x, *params, attn, q, kv, context)
     ctx.n_keep, ctx.num_heads, ctx.eps, ctx.scale = n_keep, num_heads, eps, scale
+    # Unused outputs (the saved activations, often the probabilities) get None, not
+    # zero tensors that autograd would allocate and fill on every backward.
+    ctx.set_materialize_grads(False)
 
 
-def _msa_backward(ctx, grad_out: Tensor, grad_attn: Tensor | None, *_saved_grads):
+def _msa_backward(ctx, grad_out: Tensor | None, grad_attn: Tensor | None, *_saved_grads):
     x, *params, attn, q, kv, context = ctx.saved_tensors
+    if grad_out is None and grad_attn is None:
+        return (None,) * (len(params) + 5)
+    if grad_out is None:
+        grad_out = x.new_zeros(x.shape[0], ctx.n_keep, x.shape[2])
     grad_x, *param_grads = torch.ops.patchslim.pruned_msa_backward(
         grad_out,
         grad_attn,
@@ -117,10 +124,13 @@ def _mlp_setup_context(ctx, inputs, output) -> None:
     x, *params, eps = inputs
     ctx.save_for_backward(x, *params, output[1])
     ctx.eps = eps
+    ctx.set_materialize_grads(False)  # no zero gradient for the saved pre-activation
 
 
-def _mlp_backward(ctx, grad_out: Tensor, _grad_pre: Tensor | None):
+def _mlp_backward(ctx, grad_out: Tensor | None, _grad_pre: Tensor | None):
     x, *params, pre = ctx.saved_tensors
+    if grad_out is None:
+        return (None,) * (len(params) + 2)
     grad_x, *param_grads = torch.ops.patchslim.pruned_mlp_backward(
         grad_out, x, *params, ctx.eps, pre
     )

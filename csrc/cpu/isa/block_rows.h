@@ -125,13 +125,11 @@ void attention_query_block(const AttentionArgs<T>& a, int64_t pair, int64_t firs
   });
   const SoftmaxArgs<A> softmax{{scores, 0, N, kRows}, N, A(1)};
   softmax_rows(softmax, 0, kRows);
-  if (a.probs != nullptr) {
-    for (int r = 0; r < kRows; ++r) {
-      T* p = a.probs + (pair * a.queries + first + r) * N;
-      for_each_chunk<T>(N, [&](int64_t c, int64_t n) {
-        store_chunk(load_chunk(scores + r * N + c, n, A(0)), p + c, n);
-      });
-    }
+  for (int r = 0; r < kRows; ++r) {
+    T* p = a.probs + (pair * a.queries + first + r) * N;
+    for_each_chunk<T>(N, [&](int64_t c, int64_t n) {
+      store_chunk(load_chunk(scores + r * N + c, n, A(0)), p + c, n);
+    });
   }
   for_each_chunk<T>(d, [&](int64_t c, int64_t n) {
     V acc[kRows];
