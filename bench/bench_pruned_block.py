@@ -29,13 +29,14 @@ sys.path.insert(0, str(Path(__file__).parent))
 from common import median_seconds, save
 
 import patchslim_ext as ps
-from patchslim_ext.benchmark import (
-    describe_machine,
-    markdown_table,
-    split_heads,
-    torch_pruned_block_rows,
+from patchslim_ext.benchmark import describe_machine, markdown_table
+from patchslim_ext.ops.pruned_block import (
+    _pruned_mlp_inplace_reference,
+    _pruned_mlp_reference,
+    _pruned_msa_inplace_reference,
+    _pruned_msa_reference,
+    _split_heads,
 )
-from patchslim_ext.ops.pruned_block import _pruned_mlp_reference, _pruned_msa_reference
 from patchslim_ext.pruning import mlp_arguments, msa_arguments
 from patchslim_ext.vit import Block, ViTConfig
 
@@ -44,8 +45,12 @@ TOKENS = 197
 
 
 def torch_prefix(block: Block, x, n):
-    """(a): kept rows of the pruned block from torch ops."""
-    return torch_pruned_block_rows(block, x, n)
+    """(a): the pruned block from torch ops, in place on a copy of x (the in-place ops'
+    references: slices, F.linear, F.layer_norm, SDPA)."""
+    x = x.clone()
+    _pruned_msa_inplace_reference(x, n, block.attn.num_heads, *msa_arguments(block))
+    _pruned_mlp_inplace_reference(x[:, :n], *mlp_arguments(block))
+    return x
 
 
 def torch_gather(block: Block, x, index):
@@ -57,7 +62,7 @@ def torch_gather(block: Block, x, index):
     q = F.linear(h.index_select(1, index), attn.qkv.weight[:channels], attn.qkv.bias[:channels])
     k, v = F.linear(h, attn.qkv.weight[channels:], attn.qkv.bias[channels:]).chunk(2, -1)
     o = F.scaled_dot_product_attention(
-        split_heads(q, heads), split_heads(k, heads), split_heads(v, heads)
+        _split_heads(q, heads), _split_heads(k, heads), _split_heads(v, heads)
     )
     kept = gathered + attn.proj(o.transpose(1, 2).flatten(2))
     kept = kept + block.mlp(block.norm2(kept))

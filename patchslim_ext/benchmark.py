@@ -19,7 +19,6 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 from torch._C._profiler import _EventType
 from torch.profiler import ProfilerActivity, profile
@@ -28,8 +27,13 @@ from tqdm.auto import tqdm
 from patchslim_ext import _C
 from patchslim_ext.flops import count_flops, flops_of
 from patchslim_ext.ops import cpu_isa
+from patchslim_ext.ops.pruned_block import (
+    _pruned_mlp_inplace_reference,
+    _pruned_msa_inplace_reference,
+)
 from patchslim_ext.plan import SlimPlan
-from patchslim_ext.vit import MODEL_FACTORIES, Block, VisionTransformer, ViTConfig
+from patchslim_ext.pruning import mlp_arguments, msa_arguments
+from patchslim_ext.vit import MODEL_FACTORIES, VisionTransformer, ViTConfig
 
 # FLOP reductions of the paper's PS-ViT models (Table 1 and 2).
 PAPER_FLOP_REDUCTION = {
@@ -73,35 +77,14 @@ def pyramid_plan(config: ViTConfig, flop_reduction: float) -> SlimPlan:
     return SlimPlan(torch.arange(tokens), counts(best), prefix)
 
 
-def split_heads(x: Tensor, heads: int) -> Tensor:
-    """(B, n, C) -> (B, heads, n, C / heads)."""
-    return x.unflatten(-1, (heads, -1)).transpose(1, 2)
-
-
-def torch_pruned_block_rows(block: Block, x: Tensor, n_keep: int) -> Tensor:
-    """Rows ``[0, n_keep)`` of the pruned block (paper Eq. 2) from plain torch ops:
-    slices, ``F.linear``, ``F.layer_norm`` and SDPA. (B, N, C) -> (B, n_keep, C)."""
-    attn, heads = block.attn, block.attn.num_heads
-    channels = x.shape[-1]
-    normed = F.layer_norm(x, (channels,), block.norm1.weight, block.norm1.bias, block.norm1.eps)
-    bias = attn.qkv.bias
-    q = F.linear(
-        normed[:, :n_keep], attn.qkv.weight[:channels], None if bias is None else bias[:channels]
-    )
-    kv = F.linear(normed, attn.qkv.weight[channels:], None if bias is None else bias[channels:])
-    k, v = kv.chunk(2, dim=-1)
-    context = F.scaled_dot_product_attention(
-        split_heads(q, heads), split_heads(k, heads), split_heads(v, heads), scale=attn.scale
-    )
-    kept = x[:, :n_keep] + block.ls1(attn.proj(context.transpose(1, 2).flatten(2)))
-    return kept + block.ls2(block.mlp(block.norm2(kept)))
-
-
 def torch_slimmed_forward(model: VisionTransformer, plan: SlimPlan, images: Tensor) -> Tensor:
-    """The slimmed model's logits computed with plain torch ops (the baseline of our ops)."""
-    x = model.embed(images)[:, plan.token_order.to(images.device)]
+    """The slimmed model's logits through the references of our in-place ops (slices,
+    ``F.linear``, ``F.layer_norm``, SDPA): the same maths in plain torch, the baseline of
+    our ops. For inference (under ``torch.no_grad()``)."""
+    x = model.embed(images).index_select(1, plan.token_order.to(images.device))
     for block, n_keep in zip(model.blocks, plan.keep_counts, strict=True):
-        x[:, :n_keep] = torch_pruned_block_rows(block, x, n_keep)
+        _pruned_msa_inplace_reference(x, n_keep, block.attn.num_heads, *msa_arguments(block))
+        _pruned_mlp_inplace_reference(x[:, :n_keep], *mlp_arguments(block))
     return model.forward_head(model.norm(x[:, : model.config.num_head_tokens]))
 
 

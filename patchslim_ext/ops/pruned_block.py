@@ -149,6 +149,23 @@ def _split_heads(t: Tensor, heads: int) -> Tensor:
     return t.unflatten(-1, (heads, -1)).transpose(1, 2)
 
 
+def _msa_projections(
+    x: Tensor,
+    n_keep: int,
+    ln_weight: Tensor,
+    ln_bias: Tensor,
+    qkv_weight: Tensor,
+    qkv_bias: Tensor | None,
+    eps: float,
+) -> tuple[Tensor, Tensor]:
+    """Q of the kept rows (B, n_keep, C) and K|V of every row (B, N, 2C) from LN1(x)."""
+    channels = x.shape[-1]
+    q_bias, kv_bias = (None, None) if qkv_bias is None else qkv_bias.split([channels, 2 * channels])
+    normed = F.layer_norm(x, (channels,), ln_weight, ln_bias, eps)
+    q = F.linear(normed[:, :n_keep], qkv_weight[:channels], q_bias)
+    return q, F.linear(normed, qkv_weight[channels:], kv_bias)
+
+
 def _pruned_msa_reference(
     x: Tensor,
     n_keep: int,
@@ -164,10 +181,7 @@ def _pruned_msa_reference(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """``patchslim::pruned_msa`` in standard torch ops, all five outputs."""
     channels = x.shape[-1]
-    q_bias, kv_bias = (None, None) if qkv_bias is None else qkv_bias.split([channels, 2 * channels])
-    normed = F.layer_norm(x, (channels,), ln_weight, ln_bias, eps)
-    q = F.linear(normed[:, :n_keep], qkv_weight[:channels], q_bias)
-    kv = F.linear(normed, qkv_weight[channels:], kv_bias)
+    q, kv = _msa_projections(x, n_keep, ln_weight, ln_bias, qkv_weight, qkv_bias, eps)
     keys, values = (_split_heads(t, num_heads) for t in kv.split(channels, -1))
     if scale is None:
         scale = (channels // num_heads) ** -0.5
@@ -193,9 +207,27 @@ def _pruned_mlp_reference(
     return x + F.linear(F.gelu(pre + fc1_bias), fc2_weight, fc2_bias), pre
 
 
-def _pruned_msa_inplace_reference(x: Tensor, n_keep: int, *args) -> None:
-    """``patchslim::pruned_msa_``: the reference written into ``x[:, :n_keep]``."""
-    x[:, :n_keep] = _pruned_msa_reference(x, n_keep, *args)[0]
+def _pruned_msa_inplace_reference(
+    x: Tensor,
+    n_keep: int,
+    num_heads: int,
+    ln_weight: Tensor,
+    ln_bias: Tensor,
+    qkv_weight: Tensor,
+    qkv_bias: Tensor | None,
+    proj_weight: Tensor,
+    proj_bias: Tensor,
+    eps: float,
+    scale: float | None = None,
+) -> None:
+    """``patchslim::pruned_msa_``: the kept rows written into ``x[:, :n_keep]``. No
+    probabilities are formed, so attention is ``scaled_dot_product_attention``, as a user
+    would write the same maths in plain torch (the benchmarks' baseline)."""
+    channels = x.shape[-1]
+    q, kv = _msa_projections(x, n_keep, ln_weight, ln_bias, qkv_weight, qkv_bias, eps)
+    keys, values = (_split_heads(t, num_heads) for t in kv.split(channels, -1))
+    context = F.scaled_dot_product_attention(_split_heads(q, num_heads), keys, values, scale=scale)
+    x[:, :n_keep] += F.linear(context.transpose(1, 2).flatten(2), proj_weight, proj_bias)
 
 
 def _pruned_mlp_inplace_reference(x: Tensor, *args) -> None:
