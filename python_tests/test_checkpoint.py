@@ -7,6 +7,8 @@ import re
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from safetensors.torch import save_file
 
 import patchslim_ext as ps
@@ -207,3 +209,43 @@ def test_bad_config_json_is_refused_naming_the_file(tmp_path):
     _write_with_metadata(path, _model(), config="{not json")
     with pytest.raises(CheckpointError, match=f"{re.escape(str(path))}: invalid model config"):
         load_model(path)
+
+
+_JUNK = st.one_of(
+    st.integers(min_value=-(10**12), max_value=10**12),
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.booleans(),
+    st.none(),
+    st.text(max_size=8),
+    st.lists(st.integers(0, 20), max_size=4),
+)
+
+
+@settings(max_examples=80, deadline=None, derandomize=True)
+@given(
+    changes=st.dictionaries(st.sampled_from(sorted(SMALL.to_dict())), _JUNK, max_size=3),
+    plan=st.one_of(
+        st.none(),
+        st.text(max_size=20),
+        st.fixed_dictionaries(
+            {
+                "token_order": st.lists(_JUNK, max_size=20),
+                "keep_counts": st.lists(_JUNK, max_size=3),
+            }
+        ).map(json.dumps),
+    ),
+)
+def test_fuzzed_metadata_loads_or_is_refused_in_one_line(tmp_path_factory, changes, plan):
+    """Any metadata: either the model the weights describe, or a one-line CheckpointError;
+    never another exception, and nothing allocated beyond the file's own tensors."""
+    path = tmp_path_factory.mktemp("fuzz") / "model.safetensors"
+    model = _model()
+    extra = {} if plan is None else {"plan": plan}
+    config = {**model.config.to_dict(), **changes}
+    _write_with_metadata(path, model, config=json.dumps(config, allow_nan=True), **extra)
+    try:
+        loaded = load_model(path)
+    except CheckpointError as error:
+        assert "\n" not in str(error)
+        return
+    assert loaded.state_dict().keys() == model.state_dict().keys()
