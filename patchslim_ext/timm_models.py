@@ -53,8 +53,10 @@ def _is_identity(module: nn.Module | None) -> bool:
 
 def _check_block(index: int, block: nn.Module, eps: float) -> None:
     for path in ("norm1", "attn.qkv", "attn.proj", "norm2", "mlp.fc1", "mlp.fc2"):
-        if block.get_submodule(path) is None:
-            raise _refuse(f"blocks.{index} has no {path}")
+        try:
+            block.get_submodule(path)
+        except AttributeError:
+            raise _refuse(f"blocks.{index} has no {path}") from None
     unknown = sorted(set(block.state_dict()) - _BLOCK_KEYS)
     if unknown:
         raise _refuse(f"blocks.{index} has parameters the pruned block does not use: {unknown}")

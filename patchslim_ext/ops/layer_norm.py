@@ -71,7 +71,9 @@ def _prefix_layer_norm_reference(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """``patchslim::prefix_layer_norm`` in standard torch ops, all three outputs."""
     rows = input[:, :n_rows]
-    var, mean = torch.var_mean(rows.to(_stats_dtype(input)), -1, correction=0)
+    # Written out rather than var_mean, which warns on the empty case (n_rows = 0).
+    mean = rows.to(_stats_dtype(input)).mean(-1)
+    var = (rows.to(mean.dtype) - mean[..., None]).square().mean(-1)
     out = F.layer_norm(rows, (input.shape[-1],), weight, bias, eps)
     return out, mean, torch.rsqrt(var + eps)
 
