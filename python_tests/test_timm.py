@@ -186,3 +186,13 @@ def test_layouts_we_refuse_say_why_in_one_line(kwargs, message):
         ps.set_plan(model, ps.SlimPlan.dense(17, 2))
     assert "\n" not in str(error.value)
     assert type(model) is vision_transformer.VisionTransformer
+
+
+def test_a_block_without_the_expected_modules_is_refused_in_one_line():
+    vision_transformer = pytest.importorskip("timm.models.vision_transformer")
+    model = vision_transformer.VisionTransformer(
+        img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2
+    )
+    model.blocks[1].mlp = torch.nn.Identity()
+    with pytest.raises(ValueError, match=r"blocks.1 has no mlp.fc1"):
+        ps.set_plan(model, ps.SlimPlan.dense(17, 2))
