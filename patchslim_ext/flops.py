@@ -16,14 +16,27 @@ from fvcore.nn.jit_handles import get_shape
 from torch import nn
 
 from patchslim_ext.plan import check_keep_counts
-from patchslim_ext.t2t import FVCORE_FREE_OPS, TokensToToken
+from patchslim_ext.t2t import TokensToToken
 from patchslim_ext.vit import ViTConfig
 
 # Affine LayerNorm: mean, variance, normalise, scale, shift (fvcore's figure).
 LAYER_NORM_FLOPS_PER_ELEMENT = 5
 
-# Element-wise ops that fvcore has no handle for; free under its convention.
-_FREE_OPS = ("aten::add", "aten::add_", "aten::gelu", "aten::mul", "aten::softmax", "aten::div")
+# Ops fvcore has no handle for, free under its convention: element-wise ops (residual
+# adds, GELU, softmax; the T2T performer's feature map, normaliser division and sum) and
+# the T2T soft splits (aten::im2col, a pure rearrangement).
+FREE_OPS = (
+    "aten::add",
+    "aten::add_",
+    "aten::sub",
+    "aten::mul",
+    "aten::div",
+    "aten::exp",
+    "aten::sum",
+    "aten::gelu",
+    "aten::softmax",
+    "aten::im2col",
+)
 
 
 def _prod(values: Sequence[int]) -> int:
@@ -88,7 +101,7 @@ def flop_analysis(model: nn.Module, inputs: Any) -> FlopCountAnalysis:
     # which fvcore would report as "never called".
     analysis.uncalled_modules_warnings(False)
     analysis.set_op_handle(**OP_HANDLES)
-    analysis.set_op_handle(**dict.fromkeys(_FREE_OPS + FVCORE_FREE_OPS))
+    analysis.set_op_handle(**dict.fromkeys(FREE_OPS))
     return analysis
 
 

@@ -29,23 +29,6 @@ TOKENS_TYPES = ("performer", "transformer")
 # (kernel, stride, padding) of soft_split0, soft_split1 and soft_split2.
 SOFT_SPLITS = ((7, 4, 2), (3, 2, 1), (3, 2, 1))
 
-# Ops this module emits that fvcore has no FLOP handle for: the soft splits
-# (aten::im2col, a pure rearrangement) and element-wise ops (the performer's feature
-# map, residual adds, GELU, softmax, the normaliser's division and sum). All are free
-# under fvcore's convention (one multiply-add = one FLOP, element-wise ops uncounted),
-# so declare them with ``analysis.set_op_handle(**dict.fromkeys(FVCORE_FREE_OPS))``.
-FVCORE_FREE_OPS = (
-    "aten::im2col",
-    "aten::add",
-    "aten::sub",
-    "aten::mul",
-    "aten::div",
-    "aten::exp",
-    "aten::sum",
-    "aten::gelu",
-    "aten::softmax",
-)
-
 
 def sinusoid_position_table(num_positions: int, dim: int) -> Tensor:
     """The fixed sinusoid position table of T2T-ViT (official ``get_sinusoid_encoding``).

@@ -2,30 +2,15 @@
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
 import math
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-
-def _load_t2t():
-    # t2t.py imports only torch; load it by path if the package is mid-edit.
-    try:
-        return importlib.import_module("patchslim_ext.t2t")
-    except Exception:
-        path = Path(__file__).resolve().parents[1] / "patchslim_ext" / "t2t.py"
-        spec = importlib.util.spec_from_file_location("patchslim_t2t_standalone", path)
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        return module
-
-
-t2t = _load_t2t()
+from patchslim_ext import t2t
+from patchslim_ext.flops import FREE_OPS, flop_analysis
 
 # The official `tokens_to_token.*` state-dict entries of T2T-ViT-14 (performer) and
 # T2T-ViT_t-14 (transformer): in_chans 3, token_dim 64, embed_dim 384, in registration
@@ -327,9 +312,8 @@ def test_fvcore_counts(tokens_type, gflops):
     raw.unsupported_ops_warnings(False)
     raw_total = raw.total()
     # Only the declared free ops are unknown to fvcore; nothing else is skipped.
-    assert set(raw.unsupported_ops()) <= set(t2t.FVCORE_FREE_OPS)
-    analysis = fvcore_nn.FlopCountAnalysis(module, images)
-    analysis.set_op_handle(**dict.fromkeys(t2t.FVCORE_FREE_OPS))
+    assert set(raw.unsupported_ops()) <= set(FREE_OPS)
+    analysis = flop_analysis(module, images)
     total = analysis.total()
     assert dict(analysis.unsupported_ops()) == {}
     assert total == raw_total == _analytic_flops(tokens_type) == round(gflops * 1e9)
