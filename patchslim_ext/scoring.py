@@ -25,8 +25,7 @@ from patchslim_ext.ops.scoring import (
     score_chain_step,
     score_factor_step,
 )
-
-SCORE_METHODS = ("impact", "rollout", "attn", "random")
+from patchslim_ext.settings import SCORE_METHODS
 
 
 def _validate(attn: Sequence[Tensor], z_in: Tensor, keep_counts: Sequence[int]) -> tuple[int, int]:

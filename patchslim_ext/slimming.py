@@ -11,10 +11,17 @@ the *relative* error of block l+1's output on the rows it keeps (Ẑ: slimmed bl
 and l+1 applied to the original input ``Z_{l-1}``; Z: the original model), adding the
 r best-scoring remaining tokens to ``m_l`` while ``E_{l+1} > ε``.
 
-Schedules: ``"tolerance"`` (the paper's: ε decides every count), ``"uniform"`` (every
-block but the last keeps the same count, chosen to match ``flops_ratio``) and
-``"fixed"`` (given ``keep_counts``, e.g. another run's, to compare scores at equal
-FLOPs). Fixed counts are reached in one addition, then the block is tuned once.
+The run works in one token order throughout, the prefix order of docs/design.md §3:
+the kept tokens first, candidates after them in score order, so that a block's kept
+set is always ``[0, n_l)``. The dense model's tokens after every block are computed
+once; block l's scores run blocks l … L of the partially slimmed model from its cached
+input (blocks below l are still the dense ones).
+
+What decides the keep counts (:class:`~patchslim_ext.settings.SlimSettings`): a FLOP
+target (the default, 40%: ε is searched, docs/design.md §8), a tolerance ε, one count
+for every block but the last (``"uniform"``, at the FLOP target) or given counts
+(``"fixed"``, e.g. another run's, to compare scores at equal FLOPs; reached in one
+addition, then the block is tuned once).
 
 Under ``torchrun`` every process holds a contiguous shard of the calibration images;
 scores, errors and block gradients are summed over processes.
@@ -25,6 +32,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import logging
 import math
 import os
 import re
@@ -32,6 +40,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -45,80 +54,125 @@ from patchslim_ext.data import take_images
 from patchslim_ext.errors import NonFiniteError, OutputError, ResumeError, UsageError
 from patchslim_ext.flops import flops_of
 from patchslim_ext.plan import SlimPlan, check_keep_counts
-from patchslim_ext.pruning import pruned_block
-from patchslim_ext.scoring import SCORE_METHODS, ScoreAccumulator
+from patchslim_ext.pruning import check_plan, pruned_block
+from patchslim_ext.runtime import all_reduce_sum, process_group
+from patchslim_ext.scoring import ScoreAccumulator
+from patchslim_ext.settings import SlimSettings
 from patchslim_ext.timm_models import prunable
-from patchslim_ext.training import (
-    all_reduce_sum,
-    check_finite_step,
-    optimizer_step,
-    process_group,
-)
+from patchslim_ext.training import check_finite_step, optimizer_step
 from patchslim_ext.vit import ViTConfig
 
-SCHEDULES = ("tolerance", "uniform", "fixed")
+logger = logging.getLogger("patchslim")
+
 STATE_FILE = "state.json"
-_STATE_VERSION = 1
+_STATE_VERSION = 2
 _WEIGHTS_NAME = re.compile(r"weights-\d+\.safetensors")
+# A FLOP target is met within this many points of reduction (docs/design.md §8).
+FLOPS_TOLERANCE = 0.02
+# Runs of the eps search at most; eps is searched in [_EPS_LOW, _EPS_HIGH].
+SEARCH_RUNS = 12
+_EPS_LOW, _EPS_HIGH, _EPS_START = 1e-5, 0.99, 0.01
+# Below this top-1 agreement with the dense model on the calibration images, the
+# slimmed model has collapsed (fine-tuning rarely recovers it): said loudly.
+COLLAPSED_AGREEMENT = 0.8
 
 
 @dataclass
 class BlockLog:
-    """What happened at one block (1-indexed, as in the paper)."""
+    """What happened at one block (1-indexed, as in the paper). ``reached_eps`` is None
+    for the uniform and fixed schedules, which have no tolerance."""
 
     block: int
     kept: int
     errors: list[float] = field(default_factory=list)  # E_{l+1} after each step
     kept_per_step: list[int] = field(default_factory=list)
-    reached_eps: bool = False
+    reached_eps: bool | None = None
     seconds: float = 0.0
+
+
+@dataclass
+class SearchLog:
+    """One run of the eps search: the tolerance tried and the FLOP reduction it gave."""
+
+    eps: float
+    flops_reduction: float
 
 
 @dataclass
 class SlimResult:
     """The plan, the slimmed model (a copy of the input model, of its class, with tuned
-    weights and the plan set; it shares nothing with the input model) and the per-block
-    log, deepest block first."""
+    weights and the plan set; it shares nothing with the input model), the per-block
+    log (deepest block first), the tolerance used (given or found; None for the uniform
+    and fixed schedules), the eps search's runs, the top-1 agreement of the slimmed and
+    dense models on the calibration images, and warnings (also logged)."""
 
     plan: SlimPlan
     model: nn.Module
     log: list[BlockLog]
+    settings: SlimSettings
+    eps: float | None
+    search: list[SearchLog]
+    agreement: float
+    warnings: list[str]
 
     @property
     def flops(self) -> int:
         return flops_of(self.model.config, self.plan.keep_counts)
 
+    @property
+    def flops_reduction(self) -> float:
+        return 1.0 - self.flops / flops_of(self.model.config)
+
 
 @dataclass
 class _State:
-    """Progress of a run: tokens in the order they were first kept (class token first),
-    keep counts of the blocks done, and the log."""
+    """A run in prefix order: the token order (prefix tokens first, then the kept tokens
+    by the deepest block that keeps them, then the candidates), the keep counts of the
+    blocks done, and the log."""
 
-    kept_order: list[int]
+    token_order: list[int]
     keep_counts: dict[int, int]  # 0-indexed block -> n
     log: list[BlockLog]
 
-    def token_order(self, tokens: int) -> list[int]:
-        kept = set(self.kept_order)
-        return self.kept_order + [t for t in range(tokens) if t not in kept]
+    @classmethod
+    def initial(cls, config: ViTConfig) -> _State:
+        return cls(list(range(config.num_tokens)), {config.depth - 1: config.num_head_tokens}, [])
 
     def counts(self, config: ViTConfig) -> list[int]:
+        """Keep counts of every block, N for the blocks not done."""
         return [self.keep_counts.get(b, config.num_tokens) for b in range(config.depth)]
 
     def plan(self, config: ViTConfig) -> SlimPlan:
         """The blocks done so far slimmed, the others dense."""
-        return SlimPlan(
-            self.token_order(config.num_tokens), self.counts(config), config.num_prefix_tokens
+        return SlimPlan(self.token_order, self.counts(config), config.num_prefix_tokens)
+
+    @property
+    def kept(self) -> int:
+        """Tokens the shallowest block done keeps."""
+        return self.keep_counts[min(self.keep_counts)]
+
+
+def _check_counts(config: ViTConfig, counts: Sequence[int]) -> tuple[int, ...]:
+    """The one check of keep counts that slimming produces or resumes: nested, one per
+    block, the prefix tokens kept in every block but the last, which keeps exactly the
+    tokens the head reads. Raises ``ValueError``."""
+    counts = check_keep_counts(counts, config.num_tokens, config.depth)
+    if counts[-1] != config.num_head_tokens or counts[-2] < config.num_prefix_tokens:
+        raise ValueError(
+            f"keep counts must end with {config.num_head_tokens} (the last block keeps the "
+            f"tokens the head reads) and keep the {config.num_prefix_tokens} prefix tokens "
+            f"before that, got {list(counts)}"
         )
+    return counts
 
 
-def uniform_keep_counts(config: ViTConfig, flops_ratio: float) -> list[int]:
+def uniform_keep_counts(config: ViTConfig, flops_reduction: float) -> list[int]:
     """Keep counts with the same n in every block but the last (which keeps the tokens
-    the head reads), n the smallest count (at least the prefix tokens) whose FLOPs reach
-    ``flops_ratio`` × dense."""
-    if not 0.0 < flops_ratio <= 1.0:
-        raise UsageError(f"flops_ratio must be in (0, 1], got {flops_ratio}")
-    target = flops_ratio * flops_of(config)
+    the head reads), n the smallest count (at least the prefix tokens) whose FLOPs are
+    at least ``1 - flops_reduction`` of the dense model's."""
+    if not 0.0 <= flops_reduction < 1.0:
+        raise UsageError(f"flops_reduction must be in [0, 1), got {flops_reduction}")
+    target = (1.0 - flops_reduction) * flops_of(config)
     last = [config.num_head_tokens]
     for n in range(config.num_prefix_tokens, config.num_tokens + 1):
         counts = [n] * (config.depth - 1) + last
@@ -135,6 +189,17 @@ def _fingerprint(model: nn.Module, settings: dict) -> str:
     return digest.hexdigest()
 
 
+@dataclass
+class _Saved:
+    """What a run directory holds: the eps search so far and the last run's state (its
+    tolerance, None without one, and the tuned weights of its blocks done)."""
+
+    search: list[SearchLog]
+    eps: float | None
+    state: _State
+    weights: dict[str, Tensor]
+
+
 class _RunDirectory:
     """Atomic checkpoints of a run: ``weights-<block>.safetensors`` (the tuned blocks)
     written first, then ``state.json`` naming it, each via a temporary file and a
@@ -145,7 +210,7 @@ class _RunDirectory:
         self.path = Path(path)
         self.fingerprint = fingerprint
 
-    def load(self, student: nn.Module) -> _State | None:
+    def load(self, student: nn.Module) -> _Saved | None:
         state_path = self.path / STATE_FILE
         if not state_path.is_file():
             return None
@@ -161,14 +226,17 @@ class _RunDirectory:
                     "run directory or delete this one"
                 )
             state = _State(
-                kept_order=[_json_int(t) for t in saved["kept_order"]],
+                token_order=[_json_int(t) for t in saved["token_order"]],
                 keep_counts={int(b): _json_int(n) for b, n in saved["keep_counts"].items()},
                 log=[BlockLog(**entry) for entry in saved["log"]],
             )
             _check_state(state, student.config)
+            search = [
+                SearchLog(float(e["eps"]), float(e["flops_reduction"])) for e in saved["search"]
+            ]
+            eps = None if saved["eps"] is None else float(saved["eps"])
             weights = self._tuned_weights(saved["weights"], state, student)
-            student.load_state_dict(weights, strict=False)  # exactly the tuned blocks
-            return state
+            return _Saved(search, eps, state, weights)
         except ResumeError as error:
             raise ResumeError(f"cannot resume from {self.path}: {error}") from None
         except (OSError, KeyError, TypeError, AttributeError, ValueError, SafetensorError) as error:
@@ -217,34 +285,42 @@ class _RunDirectory:
                 raise ResumeError(f"{name}: {key} holds NaN or infinite values")
         return weights
 
-    def save(self, state: _State, student: nn.Module, block: int) -> None:
+    def save(
+        self, search: list[SearchLog], eps: float | None, state: _State, student: nn.Module
+    ) -> None:
         try:
-            self._save(state, student, block)
+            self._save(search, eps, state, student)
         except OSError as error:
             raise OutputError(f"cannot write the run directory {self.path}: {error}") from None
 
-    def _save(self, state: _State, student: nn.Module, block: int) -> None:
+    def _save(
+        self, search: list[SearchLog], eps: float | None, state: _State, student: nn.Module
+    ) -> None:
         self.path.mkdir(parents=True, exist_ok=True)
-        tuned = {f"blocks.{b}." for b in state.keep_counts}
+        tuned = tuple(f"blocks.{b}." for b in state.keep_counts)
         weights = {
             name: tensor.detach().cpu().contiguous()
             for name, tensor in student.state_dict().items()
-            if any(name.startswith(prefix) for prefix in tuned)
+            if name.startswith(tuned)
         }
-        weights_name = f"weights-{block}.safetensors"
+        # A fresh name for every save, so that state.json never names a file being written.
+        previous = {path.name for path in self.path.glob("weights-*.safetensors")}
+        serial = 1 + max((int(name[8:-12]) for name in previous), default=0)
+        weights_name = f"weights-{serial}.safetensors"
         _atomic(self.path / weights_name, lambda tmp: save_file(weights, tmp))
         document = {
             "version": _STATE_VERSION,
             "fingerprint": self.fingerprint,
+            "search": [asdict(entry) for entry in search],
+            "eps": eps,
             "weights": weights_name,
-            "kept_order": state.kept_order,
+            "token_order": state.token_order,
             "keep_counts": {str(b): n for b, n in state.keep_counts.items()},
             "log": [asdict(entry) for entry in state.log],
         }
         _atomic(self.path / STATE_FILE, lambda tmp: tmp.write_text(json.dumps(document)))
-        for stale in self.path.glob("weights-*.safetensors"):
-            if stale.name != weights_name:
-                stale.unlink(missing_ok=True)
+        for stale in previous:
+            (self.path / stale).unlink(missing_ok=True)
 
 
 def _atomic(path: Path, write: Callable[[Path], object]) -> None:
@@ -266,84 +342,68 @@ def _json_int(value: object) -> int:
 
 
 def _check_state(state: _State, config: ViTConfig) -> None:
-    """A saved state that the model can resume from: the blocks done are the deepest
-    ones, their keep counts nested (non-increasing with depth, the last block keeping the
-    head's tokens), the kept tokens distinct, prefix tokens first, as many as the
-    shallowest block done keeps, and one log entry per slimmed block."""
-    tokens, depth, prefix = config.num_tokens, config.depth, config.num_prefix_tokens
+    """A saved state that the model can resume from: a plan (a token order starting with
+    the prefix tokens, nested keep counts) whose blocks done are the deepest ones, with
+    one log entry per slimmed block."""
     done = sorted(state.keep_counts)
-    if done != list(range(depth - len(done), depth)) or len(done) < 2:
+    if done != list(range(config.depth - len(done), config.depth)) or not done:
         raise ResumeError(f"the blocks done, {[b + 1 for b in done]}, are not the deepest ones")
-    counts = [state.keep_counts[b] for b in done]
-    if (
-        counts[-1] != config.num_head_tokens
-        or counts != sorted(counts, reverse=True)
-        or not prefix <= counts[0] <= tokens
-    ):
-        raise ResumeError(f"keep counts {counts} are not nested within 1..{tokens}")
-    order = state.kept_order
-    if (
-        order[:prefix] != list(range(prefix))
-        or len(set(order)) != len(order)
-        or not all(0 <= t < tokens for t in order)
-    ):
-        raise ResumeError("the kept tokens are not distinct tokens starting with the prefix tokens")
-    if len(order) != counts[0]:
-        raise ResumeError(f"{len(order)} tokens kept but block {done[0] + 1} keeps {counts[0]}")
+    try:
+        plan = state.plan(config)
+        check_plan(config, plan)
+        _check_counts(config, plan.keep_counts)
+    except ValueError as error:
+        raise ResumeError(f"the saved plan does not fit the model: {error}") from None
     logged = sorted(entry.block - 1 for entry in state.log)
     if logged != done[:-1]:
         raise ResumeError(f"the log covers blocks {[b + 1 for b in logged]}, not the blocks done")
 
 
 @torch.no_grad()
-def _dense_features(
-    teacher: nn.Module, images: Tensor, block: int, batch_size: int
-) -> tuple[Tensor, Tensor]:
-    """The original model's input of ``block`` and output of ``block + 1`` (0-indexed),
-    each (M, N, C) in the original token order."""
-    inputs, targets = [], []
+def _dense_features(teacher: nn.Module, images: Tensor, batch_size: int) -> list[Tensor]:
+    """The dense model's tokens, original order: the embedding and every block's output,
+    ``depth + 1`` tensors (M, N, C). Block l's input is ``[l]``, its output ``[l + 1]``."""
+    features: list[Tensor] = []
     for start in range(0, images.shape[0], batch_size):
         x = teacher.embed(images[start : start + batch_size])
-        for b in range(block):
-            x = teacher.blocks[b](x)
-        inputs.append(x)
-        targets.append(teacher.blocks[block + 1](teacher.blocks[block](x)))
-    return torch.cat(inputs), torch.cat(targets)
+        stages = [x]
+        for block in teacher.blocks:
+            x = block(x)
+            stages.append(x)
+        if not features:
+            features = [x.new_empty((images.shape[0], *x.shape[1:])) for x in stages]
+        for stored, stage in zip(features, stages, strict=True):
+            stored[start : start + stage.shape[0]] = stage
+    return features
 
 
 @torch.no_grad()
 def _block_scores(
     student: nn.Module,
-    images: Tensor,
     inputs: Tensor,
     block: int,
-    state: _State,
+    counts: Sequence[int],
     method: str,
     generator: torch.Generator,
     batch_size: int,
 ) -> Tensor:
-    """Scores (N,) of block ``block``'s tokens, original order, from the attention maps
-    of the partially slimmed model (blocks above already slimmed)."""
+    """Scores (N,) of block ``block``'s tokens in the run's prefix order, from its cached
+    input ``inputs`` (M, N, C) (prefix order) through blocks ``block`` … L of the
+    partially slimmed model (block ``block`` updating every token, those above their
+    ``counts``)."""
     config = student.config
-    plan = state.plan(config)
-    order, counts = plan.token_order, plan.keep_counts
-    student.set_plan(plan)
     accumulator = ScoreAccumulator(config.num_tokens, method, generator=generator)
-    wanted = range(block, config.depth)
-    for start in range(0, images.shape[0], batch_size):
-        _, attention = student.forward_tokens(images[start : start + batch_size], wanted)
-        accumulator.update(
-            [attention[b] for b in wanted],
-            inputs[start : start + batch_size][:, order],
-            counts[block + 1 :],
-        )
+    for start in range(0, inputs.shape[0], batch_size):
+        z_in = inputs[start : start + batch_size]
+        x, maps = z_in, []
+        for b in range(block, config.depth):
+            x, probs = pruned_block(student.blocks[b], x, counts[b], return_attention=True)
+            maps.append(probs)
+        accumulator.update(maps, z_in, counts[block + 1 :])
     if method != "random":
         accumulator.total = all_reduce_sum(accumulator.total)
         accumulator.count = int(all_reduce_sum(torch.tensor([accumulator.count])).item())
-    in_prefix_order = accumulator.scores()
-    scores = torch.empty_like(in_prefix_order)
-    scores[order] = in_prefix_order
-    return scores
+    return accumulator.scores()
 
 
 def _relative_error(
@@ -421,25 +481,246 @@ def _tune_block(
     student.requires_grad_(False)
 
 
+_History = tuple[tuple[int, int], ...]  # (block, keep count) of the decisions taken so far
+
+
+class _Slimmer:
+    """Runs Algorithm 1 top-down, possibly several times (the eps search), reusing what
+    does not depend on eps: the dense features, and — keyed by the decisions taken
+    before them — every block's scores and every tuning step's weights and error, so a
+    run that retraces an earlier run's decisions replays them instead of recomputing."""
+
+    def __init__(
+        self,
+        teacher: nn.Module,
+        student: nn.Module,
+        images: Tensor,
+        settings: SlimSettings,
+        run: _RunDirectory | None,
+        progress: bool,
+        on_block_end: Callable[[BlockLog], None] | None,
+    ) -> None:
+        self.student = student
+        self.settings = settings
+        self.run_dir = run
+        self.progress = progress
+        self.on_block_end = on_block_end
+        self.config = student.config
+        self.dense_weights = copy.deepcopy(student.state_dict())
+        self.features = _dense_features(teacher, images, settings.batch_size)
+        self.score_count = (
+            images.shape[0]
+            if settings.score_size is None
+            else -(-settings.score_size // process_group()[1])
+        )
+        self.scores: dict[_History, Tensor] = {}
+        self.steps: dict[_History, tuple[float, dict[str, Tensor]]] = {}
+        self.search: list[SearchLog] = []
+
+    def forget_except(self, histories: Sequence[set[_History]]) -> None:
+        """Drop the replay entries of runs other than ``histories`` (memory)."""
+        keep = set().union(*histories)
+        self.scores = {key: value for key, value in self.scores.items() if key in keep}
+        self.steps = {key: value for key, value in self.steps.items() if key in keep}
+
+    def run(
+        self,
+        eps: float | None,
+        targets: Sequence[int] | None,
+        resume: _Saved | None,
+        visited: set[_History],
+    ) -> _State:
+        """One top-down pass with tolerance ``eps`` or keep counts ``targets``, from
+        ``resume`` if given; adds the replay keys it used to ``visited``."""
+        config, settings, student = self.config, self.settings, self.student
+        student.load_state_dict(self.dense_weights)
+        if resume is not None:
+            student.load_state_dict(resume.weights, strict=False)  # exactly the tuned blocks
+            state = resume.state
+            shallowest = min(state.keep_counts) + 1
+            if shallowest > 1:
+                logger.info(
+                    "resuming from %s: blocks %d-%d are done", self.run_dir.path, shallowest,
+                    config.depth,
+                )  # fmt: skip
+        else:
+            state = _State.initial(config)
+        history: _History = tuple(
+            (block, state.keep_counts[block]) for block in sorted(state.keep_counts)[::-1][1:]
+        )
+        label = (
+            "slimming" if eps is None or settings.eps is not None else f"slimming, eps {eps:.3g}"
+        )
+        rank = process_group()[0]
+        steps = tqdm(desc=label, unit="step", disable=not self.progress or rank != 0, leave=False)
+        try:
+            for block in range(config.depth - 2, -1, -1):
+                if block in state.keep_counts:
+                    continue
+                history = self._slim_block(block, state, history, eps, targets, steps, visited)
+                if self.run_dir is not None and rank == 0:
+                    self.run_dir.save(self.search, eps, state, student)
+                if process_group()[1] > 1:
+                    dist.barrier()
+                if self.on_block_end is not None:
+                    self.on_block_end(state.log[-1])
+        finally:
+            steps.close()
+        return state
+
+    def _slim_block(
+        self,
+        block: int,
+        state: _State,
+        history: _History,
+        eps: float | None,
+        targets: Sequence[int] | None,
+        steps: tqdm,
+        visited: set[_History],
+    ) -> _History:
+        config, settings, student = self.config, self.settings, self.student
+        start = time.perf_counter()
+        entry = BlockLog(block=block + 1, kept=0)
+        counts = state.counts(config)
+        order = torch.tensor(state.token_order)
+        visited.add(history)
+        if history not in self.scores:
+            generator = torch.Generator().manual_seed(settings.seed * 7919 + block)
+            inputs = self.features[block][: self.score_count, order]
+            self.scores[history] = _block_scores(
+                student, inputs, block, counts, settings.score, generator, settings.batch_size
+            )
+        scores = self.scores[history]
+        if not bool(torch.isfinite(scores).all()):
+            raise NonFiniteError(f"block {block + 1}: the patch scores are not finite")
+        # Candidates follow the kept tokens in score order: adding k tokens is n += k.
+        kept = state.kept
+        ranked = kept + torch.argsort(-scores[kept:], stable=True)
+        order = torch.cat((order[:kept], order[ranked]))
+        state.token_order = order.tolist()
+        inputs, targets_z = self.features[block][:, order], self.features[block + 2][:, order]
+        n = kept if targets is None else max(kept, targets[block])
+        step = 0
+        while True:
+            counts[block] = n
+            key = (*history, (block, n))
+            visited.add(key)
+            if key in self.steps:
+                error, weights = self.steps[key]
+                student.blocks[block].load_state_dict(weights)
+            else:
+                _tune_block(
+                    student, block, inputs, targets_z, counts,
+                    epochs=settings.block_epochs, batch_size=settings.batch_size,
+                    lr=settings.lr, seed=settings.seed * 104729 + block * 1009 + step,
+                )  # fmt: skip
+                error = _relative_error(
+                    student, block, inputs, targets_z, counts, settings.batch_size
+                )
+                weights = {
+                    k: v.detach().clone() for k, v in student.blocks[block].state_dict().items()
+                }
+                self.steps[key] = (error, weights)
+            if not math.isfinite(error):
+                raise NonFiniteError(
+                    f"block {block + 1}, step {step + 1}: the reconstruction error E is {error}; "
+                    "stopped there (blocks finished before are kept in the run directory)"
+                )
+            entry.errors.append(error)
+            entry.kept_per_step.append(n)
+            steps.update()
+            steps.set_postfix(block=block + 1, kept=n, E=f"{error:.4f}")
+            if eps is None:
+                break
+            entry.reached_eps = error <= eps
+            if entry.reached_eps or n == config.num_tokens:
+                break
+            n = min(config.num_tokens, n + settings.r)
+            step += 1
+        entry.kept = n
+        entry.seconds = time.perf_counter() - start
+        state.keep_counts[block] = n
+        state.log.append(entry)
+        return (*history, (block, n))
+
+
+def _flops_reduction(config: ViTConfig, state: _State) -> float:
+    return 1.0 - flops_of(config, state.counts(config)) / flops_of(config)
+
+
+def _search_eps(slimmer: _Slimmer, target: float, saved: _Saved | None) -> tuple[float, _State]:
+    """The tolerance schedule's eps whose run removes ``target`` of the FLOPs within
+    ``FLOPS_TOLERANCE`` (docs/design.md §8): bracket it by factors of 4 from 0.01, then
+    bisect in log space. Runs recorded in ``saved`` are not repeated. Returns the eps
+    and its run's state (the closest run, with a warning, if none is within tolerance)."""
+    config = slimmer.config
+    tried = {entry.eps: entry.flops_reduction for entry in saved.search} if saved else {}
+    slimmer.search = list(saved.search) if saved else []
+    runs: dict[float, tuple[_State, set[_History]]] = {}
+    low = high = None  # eps with too little / too much reduction
+    eps = _EPS_START
+
+    def perform(eps: float) -> _State:
+        resume = saved if saved is not None and saved.eps == eps else None
+        visited: set[_History] = set()
+        state = slimmer.run(eps, None, resume, visited)
+        runs[eps] = (state, visited)
+        return state
+
+    for _ in range(SEARCH_RUNS):
+        if eps in tried:
+            reduction = tried[eps]
+        else:
+            reduction = _flops_reduction(config, perform(eps))
+            tried[eps] = reduction
+            slimmer.search.append(SearchLog(eps, reduction))
+            logger.info(
+                "eps %.4g: %.1f%% fewer FLOPs (target %.1f%%)", eps, 100 * reduction, 100 * target
+            )
+        if abs(reduction - target) <= FLOPS_TOLERANCE:
+            break
+        if reduction < target:
+            low = eps
+        else:
+            high = eps
+        if high is None:
+            following = min(eps * 4, _EPS_HIGH)
+        elif low is None:
+            following = max(eps / 4, _EPS_LOW)
+        else:
+            following = math.sqrt(low * high)
+        if following == eps or (low is not None and high is not None and high / low < 1.01):
+            break
+        eps = following
+        keep = [visited for e, (_, visited) in runs.items() if e in (low, high)]
+        slimmer.forget_except(keep)
+    best = min(tried, key=lambda e: (abs(tried[e] - target), e))
+    if best in runs:
+        return best, runs[best][0]
+    return best, perform(best)  # known from the run directory: run it (again)
+
+
+@torch.no_grad()
+def _agreement(teacher: nn.Module, student: nn.Module, images: Tensor, batch_size: int) -> float:
+    """Fraction of ``images`` (all processes) on which both models predict the same class."""
+    totals = torch.zeros(2, dtype=torch.float64)
+    for start in range(0, images.shape[0], batch_size):
+        batch = images[start : start + batch_size]
+        same = teacher(batch).argmax(-1) == student(batch).argmax(-1)
+        totals += torch.tensor([same.sum().item(), same.numel()], dtype=torch.float64)
+    same, count = all_reduce_sum(totals).tolist()
+    return same / count
+
+
 def slim(
     model: nn.Module,
     calib: Tensor | Dataset,
+    settings: SlimSettings | None = None,
     *,
-    eps: float = 0.01,
-    r: int = 10,
-    block_epochs: int = 3,
-    score: str = "impact",
-    schedule: str = "tolerance",
-    flops_ratio: float | None = None,
-    keep_counts: Sequence[int] | None = None,
-    calib_size: int | None = 1024,
-    score_size: int | None = None,
-    batch_size: int = 64,
-    lr: float = 1e-4,
-    seed: int = 0,
     run_dir: str | os.PathLike | None = None,
     progress: bool = True,
     on_block_end: Callable[[BlockLog], None] | None = None,
+    **overrides: Any,
 ) -> SlimResult:
     """Algorithm 1: find every block's kept tokens top-down and tune each block.
 
@@ -449,49 +730,35 @@ def slim(
             Prefix tokens (class, distillation, registers) are kept in every block but
             the last, which keeps the tokens the head reads.
         calib: calibration images (M, in_chans, H, W), or a dataset of ``(image, label)``
-            items from which ``calib_size`` images are drawn (seeded).
-        eps: tolerance on the relative error E_{l+1} (paper: 0.01–0.02).
-        r: tokens added per step (paper: 10 for 197 tokens).
-        block_epochs: epochs of block tuning after each addition (paper: 3; 0 turns
-            tuning off, leaving the selection alone).
-        score: ``"impact"`` (Eq. 13), ``"rollout"``, ``"attn"`` or ``"random"``.
-        schedule: ``"tolerance"``, ``"uniform"`` (needs ``flops_ratio``) or ``"fixed"``
-            (needs ``keep_counts``, one per block, the last the head's token count).
-        calib_size: images drawn from a dataset ``calib`` (None: all of them).
-        score_size: images (of the calibration set) used for the scores (None: all).
-        batch_size: global batch of scoring, tuning and error passes.
-        lr: Adam learning rate of block tuning.
-        seed: makes runs repeatable (calibration draw, tuning order, random scores).
+            items from which ``settings.calib_size`` images are drawn (seeded).
+        settings: :class:`~patchslim_ext.settings.SlimSettings` (default: remove 40% of
+            the FLOPs, eps searched); ``overrides`` replace single fields, e.g.
+            ``slim(model, images, flops_reduction=0.45)`` or ``slim(model, images, eps=0.01)``.
         run_dir: where the state is saved after every block; a rerun with the same
             model and settings resumes from it.
         on_block_end: called after each block is finished and saved.
 
     Returns:
         :class:`SlimResult`; ``result.model`` is a tuned copy of ``model`` with the plan set.
+
+    Memory: the dense model's tokens after every block are kept for the calibration
+    images, ``(depth + 1) · M · N · C`` values (DeiT-S, 1,024 images: 4 GB in float32);
+    a FLOP target also keeps one block's weights per tuning step of the runs it
+    brackets eps with.
     """
+    settings = (settings or SlimSettings()).replace(**overrides)
     teacher = prunable(copy.deepcopy(model)).eval().requires_grad_(False)
     student = prunable(copy.deepcopy(model)).eval().requires_grad_(False)
     config = teacher.config
-    tokens, depth = config.num_tokens, config.depth
-    if score not in SCORE_METHODS:
-        raise UsageError(f"score must be one of {SCORE_METHODS}, got {score!r}")
-    if schedule not in SCHEDULES:
-        raise UsageError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
-    if r < 1 or block_epochs < 0 or not 0 <= eps < math.inf or batch_size < 1 or not lr > 0:
-        raise UsageError(
-            f"need r >= 1, block_epochs >= 0, finite eps >= 0, batch_size >= 1 and lr > 0; "
-            f"got r={r}, block_epochs={block_epochs}, eps={eps}, batch_size={batch_size}, "
-            f"lr={lr}"
-        )
-    if depth < 2:
+    if config.depth < 2:
         raise UsageError("slimming needs at least two blocks")
-    targets_per_block = _target_counts(config, schedule, flops_ratio, keep_counts)
+    targets = _target_counts(config, settings)
     rank, world = process_group()
 
     if isinstance(calib, Tensor):
         images = calib
     else:
-        images = take_images(calib, calib_size or len(calib), seed)  # type: ignore[arg-type]
+        images = take_images(calib, settings.calib_size or len(calib), settings.seed)  # type: ignore[arg-type]
     expected = (config.in_chans, config.img_size, config.img_size)
     if images.dim() != 4 or tuple(images.shape[1:]) != expected or images.shape[0] == 0:
         raise UsageError(
@@ -500,110 +767,68 @@ def slim(
         )
     shard = -(-images.shape[0] // world)
     images = images[rank * shard : (rank + 1) * shard].to(next(model.parameters()).device)
-    score_images = images if score_size is None else images[: -(-score_size // world)]
 
-    settings = {
-        "eps": eps, "r": r, "block_epochs": block_epochs, "score": score,
-        "schedule": schedule, "targets": targets_per_block, "calib": list(images.shape),
-        "score_size": score_size, "batch_size": batch_size, "lr": lr, "seed": seed,
+    fingerprint = {
+        **settings.to_dict(), "targets": targets, "calib": list(images.shape),
         "world": world, "config": config.to_dict(),
     }  # fmt: skip
-    run = _RunDirectory(run_dir, _fingerprint(model, settings)) if run_dir is not None else None
-    initial = _State(list(range(config.num_prefix_tokens)), {depth - 1: config.num_head_tokens}, [])
-    state = (run.load(student) if run is not None else None) or initial
-
-    blocks = tqdm(
-        range(depth - 2, -1, -1),
-        desc="slimming",
-        unit="block",
-        disable=not progress or rank != 0,
-    )
-    for block in blocks:
-        if block in state.keep_counts:
-            continue
-        start = time.perf_counter()
-        entry = BlockLog(block=block + 1, kept=0)
-        inputs, targets = _dense_features(teacher, images, block, batch_size)
-        generator = torch.Generator().manual_seed(seed * 7919 + block)
-        scores = _block_scores(
-            student, score_images, inputs, block, state, score, generator, batch_size
-        )
-        if not bool(torch.isfinite(scores).all()):
-            raise NonFiniteError(f"block {block + 1}: the patch scores are not finite")
-        kept = set(state.kept_order)
-        candidates = [t for t in torch.argsort(-scores, stable=True).tolist() if t not in kept]
-        target = targets_per_block[block] if targets_per_block else None
-        additions = 0 if target is None else max(0, target - len(state.kept_order))
-        step = 0
-        while True:
-            added, candidates = candidates[:additions], candidates[additions:]
-            state.kept_order += added
-            counts = state.counts(config)
-            counts[block] = len(state.kept_order)
-            order = torch.tensor(state.token_order(tokens))
-            block_inputs, block_targets = inputs[:, order], targets[:, order]
-            _tune_block(
-                student, block, block_inputs, block_targets, counts,
-                epochs=block_epochs, batch_size=batch_size, lr=lr,
-                seed=seed * 104729 + block * 1009 + step,
-            )  # fmt: skip
-            error = _relative_error(student, block, block_inputs, block_targets, counts, batch_size)
-            if not math.isfinite(error):
-                raise NonFiniteError(
-                    f"block {block + 1}, step {step + 1}: the reconstruction error E is {error}; "
-                    "stopped there (blocks finished before are kept in the run directory)"
-                )
-            entry.errors.append(error)
-            entry.kept_per_step.append(counts[block])
-            blocks.set_postfix(block=block + 1, kept=counts[block], E=f"{error:.4f}")
-            if target is not None or not candidates:
-                entry.reached_eps = error <= eps
-                break
-            if error <= eps:
-                entry.reached_eps = True
-                break
-            additions = r
-            step += 1
-        entry.kept = len(state.kept_order)
-        entry.seconds = time.perf_counter() - start
-        state.keep_counts[block] = entry.kept
-        state.log.append(entry)
-        if run is not None and rank == 0:
-            run.save(state, student, block)
-        if world > 1:
-            dist.barrier()
-        if on_block_end is not None:
-            on_block_end(entry)
+    run = _RunDirectory(run_dir, _fingerprint(model, fingerprint)) if run_dir else None
+    saved = run.load(student) if run is not None else None
+    slimmer = _Slimmer(teacher, student, images, settings, run, progress, on_block_end)
+    target = settings.target_reduction if settings.schedule == "tolerance" else None
+    if target is not None:
+        eps, state = _search_eps(slimmer, target, saved)
+    else:
+        eps = settings.eps
+        state = slimmer.run(eps, targets, saved, set())
 
     plan = state.plan(config)
-    student.requires_grad_(True).set_plan(plan)
-    return SlimResult(plan=plan, model=student, log=state.log)
+    student.set_plan(plan)
+    agreement = _agreement(teacher, student, images, settings.batch_size)
+    student.requires_grad_(True)
+    result = SlimResult(
+        plan=plan, model=student, log=state.log, settings=settings, eps=eps,
+        search=slimmer.search, agreement=agreement, warnings=[],
+    )  # fmt: skip
+    for message in _warnings(result, target):
+        logger.warning(message)
+        result.warnings.append(message)
+    return result
 
 
-def _target_counts(
-    config: ViTConfig,
-    schedule: str,
-    flops_ratio: float | None,
-    keep_counts: Sequence[int] | None,
-) -> list[int] | None:
-    if schedule == "tolerance":
-        if flops_ratio is not None or keep_counts is not None:
-            raise UsageError("schedule='tolerance' takes neither flops_ratio nor keep_counts")
-        return None
-    if schedule == "uniform":
-        if flops_ratio is None or keep_counts is not None:
-            raise UsageError("schedule='uniform' needs flops_ratio (and no keep_counts)")
-        return uniform_keep_counts(config, flops_ratio)
-    if keep_counts is None or flops_ratio is not None:
-        raise UsageError("schedule='fixed' needs keep_counts (and no flops_ratio)")
-    try:
-        counts = list(check_keep_counts(keep_counts, config.num_tokens, config.depth))
-    except ValueError as error:
-        raise UsageError(f"keep_counts {list(keep_counts)}: {error}") from None
-    if counts[-1] != config.num_head_tokens or counts[-2] < config.num_prefix_tokens:
-        raise UsageError(
-            f"keep_counts must end with {config.num_head_tokens} (the last block keeps the "
-            f"tokens the head reads) and keep the {config.num_prefix_tokens} prefix tokens "
-            f"before that, got {counts}"
+def _warnings(result: SlimResult, target: float | None) -> list[str]:
+    """What a user must hear about a result: blocks that did not reach eps, a FLOP target
+    missed by the eps search (``target``), a slimmed model that no longer agrees with the
+    dense one."""
+    messages = [
+        f"block {entry.block} did not reach eps {result.eps:.4g}: E_(l+1) = "
+        f"{entry.errors[-1]:.4g} with every token kept"
+        for entry in sorted(result.log, key=lambda entry: entry.block)
+        if entry.reached_eps is False
+    ]
+    if target is not None and abs(result.flops_reduction - target) > FLOPS_TOLERANCE:
+        closest = result.flops_reduction
+        messages.append(
+            f"no eps reached the {100 * target:.0f}% FLOP target within "
+            f"{100 * FLOPS_TOLERANCE:.0f} points: the closest, eps {result.eps:.4g}, removes "
+            f"{100 * closest:.1f}%; try another target, a smaller r, or schedule 'uniform'"
         )
-    return counts
+    if result.agreement < COLLAPSED_AGREEMENT:
+        messages.append(
+            f"the slimmed model agrees with the dense one on only "
+            f"{100 * result.agreement:.1f}% of the calibration images: it has collapsed; "
+            "slim less (a smaller FLOP reduction or eps) rather than fine-tune this"
+        )
+    return messages
+
+
+def _target_counts(config: ViTConfig, settings: SlimSettings) -> list[int] | None:
+    """The keep counts the uniform and fixed schedules aim for (None: tolerance)."""
+    if settings.schedule == "tolerance":
+        return None
+    if settings.schedule == "uniform":
+        return uniform_keep_counts(config, settings.target_reduction)
+    try:
+        return list(_check_counts(config, settings.keep_counts))
+    except ValueError as error:
+        raise UsageError(f"keep_counts {list(settings.keep_counts)}: {error}") from None

@@ -2,8 +2,10 @@
 
 Everything here runs in one process or under ``torchrun`` with DistributedDataParallel
 (gloo on CPU, nccl on GPU; the caller initialises the process group, see
-:func:`init_distributed`). Batches are global: ``batch_size`` is the batch of one
-optimiser step summed over all processes, and each process takes its slice of it
+:func:`patchslim_ext.runtime.init_distributed`). Settings, with their defaults, are
+:class:`~patchslim_ext.settings.TrainSettings` and
+:class:`~patchslim_ext.settings.FinetuneSettings`. Batches are global: ``batch_size`` is
+the batch of one optimiser step summed over all processes, and each process takes its slice of it
 (:class:`~patchslim_ext.data.GlobalBatchSampler`), so W processes reproduce the single
 process run up to floating-point summation order.
 
@@ -21,13 +23,12 @@ and τ = ``temperature``.
 from __future__ import annotations
 
 import math
-import os
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
+from typing import Any
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
@@ -36,51 +37,23 @@ from tqdm.auto import tqdm
 
 from patchslim_ext.data import GlobalBatchSampler, collate
 from patchslim_ext.errors import NonFiniteError
-
-DISTILLATION_MODES = ("none", "soft", "hard")
+from patchslim_ext.runtime import all_reduce_sum, process_group
+from patchslim_ext.settings import FinetuneSettings, TrainSettings
 
 
 @dataclass
 class EpochLog:
-    """One epoch: mean training loss over all processes, last learning rate, wall time."""
+    """One epoch: mean training loss over all processes, last learning rate, wall time
+    and the images it trained on."""
 
     epoch: int
     loss: float
     lr: float
     seconds: float
+    images: int
 
     def to_dict(self) -> dict[str, float]:
         return asdict(self)
-
-
-def process_group() -> tuple[int, int]:
-    """(rank, world size): (0, 1) outside ``torchrun``."""
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def init_distributed() -> bool:
-    """Join the process group ``torchrun`` describes (gloo on CPU, nccl with CUDA).
-
-    Returns False (and does nothing) when not started by ``torchrun``.
-    """
-    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
-        return False
-    if not dist.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        dist.init_process_group(backend)
-        if backend == "nccl":
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-    return True
-
-
-def all_reduce_sum(values: Tensor) -> Tensor:
-    """Sum of ``values`` over all processes (``values`` itself outside ``torchrun``)."""
-    if process_group()[1] > 1:
-        values = values.clone()
-        dist.all_reduce(values)
-    return values
 
 
 def check_finite_step(loss: Tensor, params: Iterable[Tensor], where: str) -> None:
@@ -178,63 +151,60 @@ def _learning_rate(step: int, total: int, warmup: int, lr: float, min_lr: float)
 def train(
     model: nn.Module,
     data: Dataset,
+    settings: TrainSettings | None = None,
     *,
-    epochs: int,
-    batch_size: int = 128,
-    lr: float = 1e-3,
-    min_lr: float = 1e-5,
-    weight_decay: float = 0.05,
-    warmup_epochs: float = 1.0,
-    label_smoothing: float = 0.0,
-    max_shift: int = 0,
     teacher: nn.Module | None = None,
-    distillation: str = "none",
-    distill_weight: float = 0.5,
-    temperature: float = 1.0,
-    seed: int = 0,
-    num_workers: int = 0,
     progress: bool = True,
     on_epoch_end: Callable[[EpochLog], None] | None = None,
+    **overrides: Any,
 ) -> list[EpochLog]:
     """Train ``model`` (a classifier of (B, C, H, W) images) with AdamW and a cosine schedule.
 
     Args:
-        data: items ``(image, label)``; images (C, H, W) on the CPU.
-        batch_size: global batch per optimiser step (split over ``torchrun`` processes).
-        max_shift: random translation of up to this many pixels (0: no augmentation).
-        teacher: the model distilled from (frozen), needed unless ``distillation="none"``.
+        data: items ``(image, label)``; images (C, H, W) on the CPU. Every image is used
+            every epoch (the last batch may be short; under ``torchrun`` it is cut to a
+            multiple of the number of processes).
+        settings: :class:`~patchslim_ext.settings.TrainSettings` (default: its defaults);
+            ``overrides`` replace single fields, e.g. ``train(model, data, epochs=5)``.
+        teacher: the model distilled from (frozen), needed unless
+            ``settings.distillation == "none"``.
         on_epoch_end: called on every process after each epoch (e.g. to save).
 
     Returns one :class:`EpochLog` per epoch. The model is updated in place.
     """
-    if epochs < 0:
-        raise ValueError(f"epochs must be >= 0, got {epochs}")
-    if distillation not in DISTILLATION_MODES:
-        raise ValueError(f"distillation must be one of {DISTILLATION_MODES}, got {distillation!r}")
-    if distillation != "none" and teacher is None:
-        raise ValueError(f"distillation={distillation!r} needs a teacher model")
+    settings = (settings or TrainSettings()).replace(**overrides)
+    if settings.distillation != "none" and teacher is None:
+        raise ValueError(f"distillation={settings.distillation!r} needs a teacher model")
     rank, world = process_group()
     device = next(model.parameters()).device
     sampler = GlobalBatchSampler(
-        len(data), batch_size, shuffle=True, seed=seed, drop_last=True, rank=rank, world_size=world
+        len(data),
+        settings.batch_size,
+        shuffle=True,
+        seed=settings.seed,
+        equal_shares=True,
+        rank=rank,
+        world_size=world,
     )
-    loader = _loader(data, sampler, num_workers)
+    loader = _loader(data, sampler, settings.num_workers)
     wrapped = DistributedDataParallel(model) if world > 1 else model
     decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
     optimizer = torch.optim.AdamW(
         [
-            {"params": decay, "weight_decay": weight_decay},
+            {"params": decay, "weight_decay": settings.weight_decay},
             {"params": no_decay, "weight_decay": 0.0},
         ],
-        lr=lr,
+        lr=settings.lr,
     )
+    epochs, max_shift = settings.epochs, settings.max_shift
     total_steps = epochs * len(sampler)
-    warmup_steps = round(warmup_epochs * len(sampler))
+    warmup_steps = round(settings.warmup_epochs * len(sampler))
     if teacher is not None:
         teacher.eval().requires_grad_(False)
     logs = []
     step = 0
+    current_lr = settings.lr
     for epoch in range(epochs):
         sampler.set_epoch(epoch)
         model.train()
@@ -251,28 +221,30 @@ def train(
             if max_shift:
                 # Shifts are drawn for the whole global batch, then sliced, so that the
                 # augmentation does not depend on the number of processes.
-                generator = torch.Generator().manual_seed(seed * 1_000_003 + step)
+                local = images.shape[0]
+                generator = torch.Generator().manual_seed(settings.seed * 1_000_003 + step)
                 shifts = torch.randint(
-                    -max_shift, max_shift + 1, (batch_size, 2), generator=generator
+                    -max_shift, max_shift + 1, (local * world, 2), generator=generator
                 )
-                share = batch_size // world
-                images = _apply_shifts(images, shifts[rank * share : (rank + 1) * share], max_shift)
+                images = _apply_shifts(images, shifts[rank * local : (rank + 1) * local], max_shift)
             images, labels = images.to(device), labels.to(device)
-            current_lr = _learning_rate(step, total_steps, warmup_steps, lr, min_lr)
+            current_lr = _learning_rate(
+                step, total_steps, warmup_steps, settings.lr, settings.min_lr
+            )
             for group in optimizer.param_groups:
                 group["lr"] = current_lr
             teacher_logits = None
-            if teacher is not None and distillation != "none":
+            if teacher is not None and settings.distillation != "none":
                 with torch.no_grad():
                     teacher_logits = teacher(images)
             loss = distillation_loss(
                 wrapped(images),
                 labels,
                 teacher_logits,
-                distillation,
-                distill_weight,
-                temperature,
-                label_smoothing,
+                settings.distillation,
+                settings.distill_weight,
+                settings.temperature,
+                settings.label_smoothing,
             )
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -286,8 +258,9 @@ def train(
         log = EpochLog(
             epoch=epoch + 1,
             loss=float(loss_sum[0] / loss_sum[1]),
-            lr=current_lr if total_steps else lr,
+            lr=current_lr,
             seconds=time.perf_counter() - start,
+            images=int(loss_sum[1]),
         )
         logs.append(log)
         if on_epoch_end is not None:
@@ -301,44 +274,25 @@ def finetune(
     slimmed: nn.Module,
     teacher: nn.Module,
     data: Dataset,
+    settings: FinetuneSettings | None = None,
     *,
-    epochs: int = 3,
-    batch_size: int = 128,
-    lr: float = 1e-4,
-    min_lr: float = 1e-6,
-    weight_decay: float = 0.05,
-    warmup_epochs: float = 0.0,
-    distillation: str = "soft",
-    distill_weight: float = 0.5,
-    temperature: float = 1.0,
-    max_shift: int = 0,
-    seed: int = 0,
-    num_workers: int = 0,
     progress: bool = True,
     on_epoch_end: Callable[[EpochLog], None] | None = None,
+    **overrides: Any,
 ) -> list[EpochLog]:
     """Fine-tune a slimmed network (a model with its plan set) with
     cross-entropy plus distillation from the dense ``teacher`` (module docstring).
 
-    Single process or under ``torchrun`` (DDP); see :func:`train` for the arguments.
-    The slimmed model's parameters are updated in place.
+    Single process or under ``torchrun`` (DDP); settings are
+    :class:`~patchslim_ext.settings.FinetuneSettings` (or ``overrides`` of its fields);
+    see :func:`train`. The slimmed model's parameters are updated in place.
     """
+    settings = (settings or FinetuneSettings()).replace(**overrides)
     return train(
         slimmed,
         data,
-        epochs=epochs,
-        batch_size=batch_size,
-        lr=lr,
-        min_lr=min_lr,
-        weight_decay=weight_decay,
-        warmup_epochs=warmup_epochs,
-        max_shift=max_shift,
+        settings,
         teacher=teacher,
-        distillation=distillation,
-        distill_weight=distill_weight,
-        temperature=temperature,
-        seed=seed,
-        num_workers=num_workers,
         progress=progress,
         on_epoch_end=on_epoch_end,
     )
@@ -357,7 +311,11 @@ def evaluate(
     totals = torch.zeros(3, dtype=torch.float64)
     model.eval()
     for images, labels in tqdm(
-        _loader(data, sampler, 0), desc="eval", disable=not progress or rank != 0, leave=False
+        _loader(data, sampler, 0),
+        desc="eval",
+        disable=not progress or rank != 0,
+        leave=False,
+        unit="batch",
     ):
         if labels.numel() == 0:
             continue

@@ -15,8 +15,9 @@ from torch.utils.data import TensorDataset
 
 from patchslim_ext.checkpoint import load_model, save_model
 from patchslim_ext.data import load_digits
+from patchslim_ext.runtime import init_distributed, process_group
 from patchslim_ext.slimming import slim
-from patchslim_ext.training import finetune, init_distributed, process_group
+from patchslim_ext.training import finetune
 
 
 def main(model_path: str, out_path: str) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -20,6 +21,7 @@ def _run(*args: str) -> subprocess.CompletedProcess:
     )
 
 
+RANDOM = ["--model", "digits_vit", "--random-weights"]
 COMMANDS = ["train", "slim", "finetune", "eval", "flops", "bench", "export", "demo", "info"]
 
 
@@ -60,11 +62,16 @@ def test_info_json(capsys):
         (["flops", "--model", "resnet50"], "invalid choice"),
         (["flops", "--checkpoint", "/does/not/exist.pth"], "checkpoint not found"),
         (["slim", "--checkpoint", "/does/not/exist.pth", "--out", "x"], "checkpoint not found"),
-        (["slim", "--out", "x", "--data", "/no/such/folder"], "does not exist"),
-        (["slim", "--out", "x", "--schedule", "uniform"], "needs flops_ratio"),
-        (["slim", "--out", "x", "--keep-counts", "9,a"], "comma-separated integers"),
-        (["slim", "--out", "x", "--score", "entropy"], "invalid choice"),
-        (["train", "--out", "x", "--epochs", "0"], "must be a positive integer"),
+        (["slim", *RANDOM, "--out", "x", "--data", "/no/such/folder"], "does not exist"),
+        (["slim", *RANDOM, "--out", "x", "--data", __file__], "is a file; give an image folder"),
+        (["slim", "--out", "x"], "--checkpoint FILE (a trained model), or --model NAME"),
+        (["slim", "--model", "digits_vit", "--out", "x"], "--random-weights"),
+        (["slim", *RANDOM, "--out", "x", "--schedule", "uniform", "--eps", "0.1"], "uniform"),
+        (["slim", *RANDOM, "--out", "x", "--eps", "5"], "--eps: must be in [0, 1), got 5.0"),
+        (["slim", *RANDOM, "--out", "x", "--keep-counts", "9,a"], "comma-separated integers"),
+        (["slim", *RANDOM, "--out", "x", "--score", "entropy"], "invalid choice"),
+        (["eval", "--checkpoint", str(Path(__file__).parent)], "is a directory; give a checkpoint"),
+        (["train", "--out", "x", "--epochs", "-1"], "--epochs: must be >= 0"),
         (["finetune", "--checkpoint", "a", "--out", "b"], "--teacher"),
         (["eval", "--checkpoint", "/does/not/exist.safetensors"], "checkpoint not found"),
         pytest.param(

@@ -59,11 +59,13 @@ def test_eval_on_an_image_folder(folder, tmp_path):
     assert json.loads(result.stdout)["images"] == 6
 
 
-@pytest.mark.parametrize("drop_last", [True, False])
-def test_ranks_split_each_global_batch(drop_last):
-    single = GlobalBatchSampler(10, 4, shuffle=True, seed=3, drop_last=drop_last)
+@pytest.mark.parametrize("equal_shares", [True, False])
+def test_ranks_split_each_global_batch(equal_shares):
+    single = GlobalBatchSampler(10, 4, shuffle=True, seed=3, equal_shares=equal_shares)
     ranks = [
-        GlobalBatchSampler(10, 4, shuffle=True, seed=3, drop_last=drop_last, rank=r, world_size=2)
+        GlobalBatchSampler(
+            10, 4, shuffle=True, seed=3, equal_shares=equal_shares, rank=r, world_size=2
+        )
         for r in range(2)
     ]
     for epoch in range(2):
@@ -71,11 +73,28 @@ def test_ranks_split_each_global_batch(drop_last):
             sampler.set_epoch(epoch)
         merged = [a + b for a, b in zip(*(list(r) for r in ranks), strict=True)]
         assert merged == list(single)
-    assert len(single) == (2 if drop_last else 3)
+    assert len(single) == 3  # the short last batch is kept
     single.set_epoch(0)
     first = list(single)
     single.set_epoch(1)
     assert list(single) != first
+
+
+def test_equal_shares_keep_every_image_but_a_remainder_smaller_than_the_world():
+    """11 images, global batch 6, 3 processes: the last global batch (5 images) is cut
+    to 3, one for each process; one process keeps every image."""
+    ranks = [
+        GlobalBatchSampler(11, 6, shuffle=True, equal_shares=True, rank=r, world_size=3)
+        for r in range(3)
+    ]
+    shares = [list(r) for r in ranks]
+    assert [len(batch) for batch in shares[0]] == [2, 2]  # 6 + 5 -> 6 + 3: 2 each
+    assert ranks[0].used == 9
+    drawn = [index for rank in shares for batch in rank for index in batch]
+    assert sorted(drawn) == sorted(
+        torch.randperm(11, generator=torch.Generator().manual_seed(0))[:9].tolist()
+    )
+    assert GlobalBatchSampler(13, 4, shuffle=False, equal_shares=True).used == 13
 
 
 def test_batch_must_split_evenly():

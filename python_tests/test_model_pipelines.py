@@ -93,7 +93,7 @@ def test_python_pipeline(name, tmp_path):
         model,
         train,
         schedule="uniform",
-        flops_ratio=0.8,
+        flops_reduction=0.2,
         calib_size=8,
         block_epochs=1,
         batch_size=4,

@@ -3,6 +3,8 @@ resume after an interruption, fine-tuning, and DDP equivalence (2 CPU processes)
 
 from __future__ import annotations
 
+import copy
+import itertools
 import json
 import os
 import subprocess
@@ -14,6 +16,7 @@ import torch
 from torch.utils.data import TensorDataset
 
 import patchslim_ext as ps
+from patchslim_ext import slimming
 from patchslim_ext.data import load_digits
 from patchslim_ext.slimming import STATE_FILE, slim, uniform_keep_counts
 from patchslim_ext.training import evaluate, finetune, train
@@ -40,7 +43,9 @@ def tiny_model(digits_slice) -> ps.VisionTransformer:
 
 
 def _slim(model, data, **options):
-    settings = dict(eps=0.02, r=3, block_epochs=1, calib_size=96, batch_size=32, lr=1e-3)
+    settings = dict(r=3, block_epochs=1, calib_size=96, batch_size=32, lr=1e-3)
+    if not {"eps", "flops_reduction", "keep_counts", "schedule"} & options.keys():
+        settings["eps"] = 0.02  # a tolerance: one run (a FLOP target searches eps)
     settings.update(options)
     return slim(model, data, progress=False, **settings)
 
@@ -100,10 +105,11 @@ def test_fixed_schedule_matches_counts(tiny_model, digits_slice, score):
 
 def test_uniform_schedule_matches_flops(tiny_model, digits_slice):
     ratio = 0.6
-    result = _slim(tiny_model, digits_slice, schedule="uniform", flops_ratio=ratio)
+    result = _slim(tiny_model, digits_slice, schedule="uniform", flops_reduction=1 - ratio)
     counts = result.plan.keep_counts
     assert len(set(counts[:-1])) == 1 and counts[-1] == 1
-    assert list(counts) == uniform_keep_counts(TINY, ratio)
+    assert list(counts) == uniform_keep_counts(TINY, 1 - ratio)
+    assert result.eps is None and all(entry.reached_eps is None for entry in result.log)
     one_fewer = [counts[0] - 1] * (TINY.depth - 1) + [1]
     assert result.flops >= ratio * ps.flops_of(TINY) > ps.flops_of(TINY, one_fewer)
 
@@ -157,12 +163,14 @@ def test_resume_refuses_other_settings(tiny_model, digits_slice, tmp_path):
     [
         ({"score": "entropy"}, "score must be one of"),
         ({"schedule": "cubic"}, "schedule must be one of"),
-        ({"schedule": "uniform"}, "needs flops_ratio"),
-        ({"schedule": "fixed"}, "needs keep_counts"),
+        ({"schedule": "uniform", "eps": 0.1}, "'uniform' takes flops_reduction .* got eps"),
+        ({"schedule": "fixed", "eps": None}, "'fixed' takes keep_counts, got neither"),
         ({"schedule": "fixed", "keep_counts": [17, 9, 5, 2]}, "end with 1"),
         ({"schedule": "fixed", "keep_counts": [9, 15, 5, 1]}, "non-increasing"),
-        ({"flops_ratio": 0.5}, "takes neither"),
-        ({"r": 0}, "r >= 1"),
+        ({"flops_reduction": 0.5, "eps": 0.1}, "takes flops_reduction or eps .* got flops_"),
+        ({"eps": 5}, r"eps must be in \[0, 1\)"),
+        ({"flops_ratio": 0.5}, "has no setting flops_ratio"),
+        ({"r": 0}, "r must be >= 1"),
     ],
 )
 def test_bad_options(tiny_model, digits_slice, options, message):
@@ -205,3 +213,79 @@ def test_ddp_matches_single_process(tiny_model, tmp_path):
     # The fine-tuning moved the weights (the comparison above is not vacuous).
     trained = tiny_model.state_dict()
     assert any(not torch.allclose(trained[k], v) for k, v in single["weights"].items())
+
+
+def _masked_attention(block, x):
+    """Block ``block``'s attention probabilities (B, H, N, N) on x, in plain torch ops."""
+    batch, tokens, channels = x.shape
+    heads = block.attn.num_heads
+    qkv = block.attn.qkv(block.norm1(x)).reshape(batch, tokens, 3, heads, channels // heads)
+    q, k = qkv[:, :, 0].transpose(1, 2), qkv[:, :, 1].transpose(1, 2)
+    return torch.softmax(q @ k.transpose(-2, -1) * block.attn.scale, dim=-1)
+
+
+def _eq13_by_paths(blocks, z_in, masks):
+    """Eq. 13 by enumerating every head path, original token order, with the Eq. 2
+    masked forward: block t = blocks[0] updates every token, blocks[j] the tokens of
+    masks[j - 1]; a token a block drops passes through unchanged. Batch mean, (N,)."""
+    x, maps = z_in.double(), []
+    for j, block in enumerate(blocks):
+        maps.append(_masked_attention(block, x))
+        updated = block(x)
+        x = updated if j == 0 else torch.where(masks[j - 1][None, :, None], updated, x)
+    batch, tokens = z_in.shape[:2]
+    scores = torch.zeros(batch, tokens, dtype=torch.float64)
+    for b in range(batch):
+        patch_term = (maps[0][b] @ z_in[b].double().abs()).square().sum((0, 2))  # Σ_h ‖U[i]‖²
+        column_norms = torch.zeros(tokens, dtype=torch.float64)
+        chains = [range(m.shape[1]) for m in maps[1:]]
+        for path in itertools.product(*chains):
+            product = torch.eye(tokens, dtype=torch.float64)
+            for level, head in enumerate(path):
+                kept = masks[level].double()[:, None]
+                product = (kept * maps[level + 1][b, head]) @ product
+            column_norms += product.square().sum(0)
+        scores[b] = column_norms * patch_term
+    return scores.mean(0)
+
+
+def test_in_slim_scores_equal_path_enumeration(tiny_model, digits_slice, monkeypatch):
+    """The scores slim computes for a block (in its prefix order, from the cached dense
+    input, through the partially slimmed blocks above) equal Eq. 13 by explicit head-path
+    enumeration in the original token order with Eq. 2 masks, on the same images: the
+    dense blocks up to t, the result's tuned blocks above, its kept sets as masks."""
+    recorded = {}
+
+    def spy(student, inputs, block, counts, *rest):
+        scores = slimming._block_scores.__wrapped__(student, inputs, block, counts, *rest)
+        recorded[block] = (inputs.clone(), scores.clone())
+        return scores
+
+    spy.__wrapped__ = slimming._block_scores
+    monkeypatch.setattr(slimming, "_block_scores", spy)
+    images = digits_slice.tensors[0][:24]
+    result = _slim(tiny_model, images, eps=0.05)
+    masks = result.plan.masks()
+    dense = copy.deepcopy(tiny_model).double().eval()
+    tuned = copy.deepcopy(result.model).double().eval().set_plan(None)
+    with torch.no_grad():
+        z = dense.embed(images.double())
+        inputs_by_block = [z]
+        for block in dense.blocks:
+            z = block(z)
+            inputs_by_block.append(z)
+        for block, (inputs, got) in recorded.items():
+            z_in = inputs_by_block[block]
+            # The run's token order: position p holds the token whose dense row it copied.
+            order = [
+                int(((z_in[0].float() - row).abs().sum(-1) < 1e-4).nonzero()[0])
+                for row in inputs[0]
+            ]
+            assert sorted(order) == list(range(TINY.num_tokens))
+            blocks = [dense.blocks[block], *tuned.blocks[block + 1 :]]
+            want = _eq13_by_paths(blocks, z_in, masks[block + 1 :])
+            got_original = torch.empty_like(got)
+            got_original[torch.tensor(order)] = got
+            error = (got_original.double() - want).abs().max() / want.abs().max()
+            assert error < 1e-4, (block, error.item())
+    assert sorted(recorded) == [0, 1, 2]
