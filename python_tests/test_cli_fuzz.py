@@ -122,8 +122,11 @@ def test_numeric_options_exit_0_or_2(files, capsys, command, choice, value):
     captured = capsys.readouterr()
     assert code in (0, 2), (argv, code, captured.err)
     if code == 2:
+        # One error line, last; the lines before it may only be the run's log.
         lines = captured.err.strip().splitlines()
-        assert len(lines) == 1 and lines[0].startswith("patchslim: error: "), captured.err
+        errors = [line for line in lines if line.startswith("patchslim: error: ")]
+        assert errors == lines[-1:], captured.err
+        assert all(line.startswith("patchslim: ") for line in lines), captured.err
         assert not out.exists() and not out.with_name(out.name + ".partial").exists()
     elif command != "eval":
         weights = load_model(out).state_dict().values()

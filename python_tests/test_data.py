@@ -88,7 +88,7 @@ def test_equal_shares_keep_every_image_but_a_remainder_smaller_than_the_world():
         for r in range(3)
     ]
     shares = [list(r) for r in ranks]
-    assert [len(batch) for batch in shares[0]] == [2, 2]  # 6 + 5 -> 6 + 3: 2 each
+    assert [len(batch) for batch in shares[0]] == [2, 1]  # 6 + 5 -> 6 + 3
     assert ranks[0].used == 9
     drawn = [index for rank in shares for batch in rank for index in batch]
     assert sorted(drawn) == sorted(

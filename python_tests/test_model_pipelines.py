@@ -63,7 +63,7 @@ def test_command_line_pipeline(name, tmp_path, capsys):
     heads = ["--num-heads", "6"]
     summary = _cli(
         capsys, "slim", "--checkpoint", str(dense), *heads, "--data", str(train),
-        "--out", str(slimmed), "--schedule", "uniform", "--flops-ratio", "0.8",
+        "--out", str(slimmed), "--schedule", "uniform", "--flops-reduction", "0.2",
         "--calib-size", "8", "--block-epochs", "1", "--batch-size", "4",
     )  # fmt: skip
     assert summary["slim_flops"] < summary["dense_flops"]
