@@ -21,8 +21,9 @@ patchslim_setup_env() {
   fi
   local pip=("$venv/bin/python" -m pip install --quiet --disable-pip-version-check)
   echo "==> installing build tools and ${PATCHSLIM_TORCH:-torch==2.13.0}"
-  "${pip[@]}" --upgrade pip "setuptools>=64" wheel ninja
-  "${pip[@]}" "${PATCHSLIM_TORCH:-torch==2.13.0}"
+  "${pip[@]}" --upgrade pip "setuptools>=77" wheel ninja
+  # NumPy before the build: setup.py imports torch, which warns without it.
+  "${pip[@]}" "${PATCHSLIM_TORCH:-torch==2.13.0}" "numpy>=1.24"
   echo "==> building patchslim_ext${PATCHSLIM_EXTRAS:+ [$PATCHSLIM_EXTRAS]}"
   # Extras such as timm depend on torchvision, whose newest release asks for a newer
   # torch: pin the torch just installed so that pip never pulls a second one.
