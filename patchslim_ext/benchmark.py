@@ -5,13 +5,15 @@ in one run and under ``torch.no_grad()``: the dense model, the slimmed model thr
 our ops (the model with its plan set) and the same slimmed maths composed from
 plain torch ops (:func:`torch_slimmed_forward`). Timing: warm-up calls, then at least
 ``repeats`` timed calls whose inputs rotate over several batches (so that no cache
-holds the one input), CUDA events on the current stream or ``perf_counter`` on the CPU,
-median reported. Clocks are left as they are.
+holds the one input), CUDA events on the current stream or ``perf_counter`` on the CPU;
+the median is reported with its spread (:func:`relative_spread`). Clocks are left as
+they are.
 """
 
 from __future__ import annotations
 
 import copy
+import math
 import platform
 import statistics
 import time
@@ -20,8 +22,6 @@ from dataclasses import asdict, dataclass
 
 import torch
 from torch import Tensor
-from torch._C._profiler import _EventType
-from torch.profiler import ProfilerActivity, profile
 from tqdm.auto import tqdm
 
 from patchslim_ext import _C
@@ -43,6 +43,9 @@ PAPER_FLOP_REDUCTION = {
     "t2t_vit_14": 0.404,
 }
 _ROTATING_BATCHES = 3
+# A timing whose 10th–90th percentile range exceeds this fraction of its median says
+# more about the machine's load than about the model.
+NOISY_SPREAD = 0.2
 
 
 def pyramid_plan(config: ViTConfig, flop_reduction: float) -> SlimPlan:
@@ -88,14 +91,15 @@ def torch_slimmed_forward(model: VisionTransformer, plan: SlimPlan, images: Tens
     return model.forward_head(model.norm(x[:, : model.config.num_head_tokens]))
 
 
-def median_forward_seconds(
+def forward_seconds(
     forward: Callable[[Tensor], Tensor],
     batches: Sequence[Tensor],
     *,
     repeats: int = 30,
     warmup: int = 3,
-) -> float:
-    """Median seconds of ``forward(batch)`` over ``repeats`` calls rotating over ``batches``."""
+) -> list[float]:
+    """Seconds of each of ``repeats`` calls of ``forward(batch)`` rotating over
+    ``batches``, after ``warmup`` untimed calls."""
     device = batches[0].device
     with torch.no_grad():
         for index in range(warmup):
@@ -116,7 +120,27 @@ def median_forward_seconds(
                 start_time = time.perf_counter()
                 forward(batches[index % len(batches)])
                 times.append(time.perf_counter() - start_time)
-    return statistics.median(times)
+    return times
+
+
+def median_forward_seconds(
+    forward: Callable[[Tensor], Tensor],
+    batches: Sequence[Tensor],
+    *,
+    repeats: int = 30,
+    warmup: int = 3,
+) -> float:
+    """Median of :func:`forward_seconds`."""
+    return statistics.median(forward_seconds(forward, batches, repeats=repeats, warmup=warmup))
+
+
+def relative_spread(times: Sequence[float]) -> float:
+    """The range from the 10th to the 90th percentile of ``times`` over their median
+    (0 for a single time): how far the runs disagree, whatever their number."""
+    if len(times) < 2:
+        return 0.0
+    deciles = statistics.quantiles(times, n=10, method="inclusive")
+    return (deciles[-1] - deciles[0]) / statistics.median(times)
 
 
 def cuda_graph_forward(forward: Callable[[Tensor], Tensor], example: Tensor) -> Callable:
@@ -143,8 +167,9 @@ def cuda_graph_forward(forward: Callable[[Tensor], Tensor], example: Tensor) -> 
 
 def peak_memory_bytes(forward: Callable[[Tensor], Tensor], batch: Tensor) -> int:
     """Peak bytes allocated during one ``forward(batch)`` beyond what was live before
-    (weights and inputs excluded). CUDA: the caching allocator's peak; CPU: every
-    allocation and free the profiler records, summed in time order."""
+    (weights and inputs excluded). CUDA: the caching allocator's peak; CPU: the CPU
+    allocator's reports of every allocation and free, summed as they come
+    (``_C.cpu_peak_memory_bytes``, the profiler's memory events without a profiler)."""
     with torch.no_grad():
         if batch.device.type == "cuda":
             torch.cuda.synchronize(batch.device)
@@ -153,22 +178,7 @@ def peak_memory_bytes(forward: Callable[[Tensor], Tensor], batch: Tensor) -> int
             forward(batch)
             torch.cuda.synchronize(batch.device)
             return torch.cuda.max_memory_allocated(batch.device) - before
-        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-            forward(batch)
-    # The event tree holds each allocation (+size) and free (-size) as its own event;
-    # the per-operator summaries net them out and lose the order.
-    changes = []
-    pending = list(prof.profiler.kineto_results.experimental_event_tree())
-    while pending:
-        node = pending.pop()
-        if node.tag == _EventType.Allocation and node.extra_fields.device.type == "cpu":
-            changes.append((node.start_time_ns, node.extra_fields.alloc_size))
-        pending.extend(node.children)
-    live = peak = 0
-    for _, change in sorted(changes):
-        live += change
-        peak = max(peak, live)
-    return peak
+        return _C.cpu_peak_memory_bytes(lambda: forward(batch))
 
 
 @dataclass
@@ -183,9 +193,12 @@ class BenchRow:
     keep_counts: list[int]
     dense_flops: int
     slim_flops: int
-    dense_ms: float
+    dense_ms: float  # medians
     slim_ms: float
     torch_slim_ms: float
+    dense_spread: float  # relative_spread of the same timings
+    slim_spread: float
+    torch_slim_spread: float
     dense_peak_mb: float
     slim_peak_mb: float
 
@@ -197,14 +210,33 @@ class BenchRow:
     def time_reduction(self) -> float:
         return 1.0 - self.slim_ms / self.dense_ms
 
+    @property
+    def dense_images_per_s(self) -> float:
+        return 1e3 * self.batch / self.dense_ms
+
+    @property
+    def slim_images_per_s(self) -> float:
+        return 1e3 * self.batch / self.slim_ms
+
+    @property
+    def spread(self) -> float:
+        """The widest spread of the row's three timings."""
+        return max(self.dense_spread, self.slim_spread, self.torch_slim_spread)
+
+    @property
+    def noisy(self) -> bool:
+        """Whether a timing of the row spreads by more than :data:`NOISY_SPREAD`."""
+        return self.spread > NOISY_SPREAD
+
     def to_dict(self) -> dict:
         values = asdict(self)
         values.update(
+            spread=self.spread,
             flop_reduction=self.flop_reduction,
             time_reduction=self.time_reduction,
             ratio=self.time_reduction / self.flop_reduction,
-            dense_images_per_s=1e3 * self.batch / self.dense_ms,
-            slim_images_per_s=1e3 * self.batch / self.slim_ms,
+            dense_images_per_s=self.dense_images_per_s,
+            slim_images_per_s=self.slim_images_per_s,
         )
         return values
 
@@ -244,10 +276,8 @@ def compare(
     }
     if cuda_graphs:
         forwards = {key: cuda_graph_forward(fn, batches[0]) for key, fn in forwards.items()}
-    times = {
-        key: 1e3 * median_forward_seconds(fn, batches, repeats=repeats)
-        for key, fn in forwards.items()
-    }
+    times = {key: forward_seconds(fn, batches, repeats=repeats) for key, fn in forwards.items()}
+    median_ms = {key: 1e3 * statistics.median(seconds) for key, seconds in times.items()}
     return BenchRow(
         model=name,
         device=str(device),
@@ -257,28 +287,47 @@ def compare(
         keep_counts=list(plan.keep_counts),
         dense_flops=dense_flops,
         slim_flops=slim_flops,
-        dense_ms=times["dense"],
-        slim_ms=times["slim"],
-        torch_slim_ms=times["torch_slim"],
+        dense_ms=median_ms["dense"],
+        slim_ms=median_ms["slim"],
+        torch_slim_ms=median_ms["torch_slim"],
+        dense_spread=relative_spread(times["dense"]),
+        slim_spread=relative_spread(times["slim"]),
+        torch_slim_spread=relative_spread(times["torch_slim"]),
         dense_peak_mb=peak_memory_bytes(model, batches[0]) / 2**20,
         slim_peak_mb=peak_memory_bytes(slimmed, batches[0]) / 2**20,
     )
 
 
+# The columns of the README's Table 2 (a test keeps the two the same). "spread" is
+# BenchRow.spread, "time ↓" the measured time reduction, "ratio" time ↓ over FLOPs ↓,
+# "plain torch ↓" the time reduction of the slimmed maths composed from torch ops.
 TABLE_HEADERS = (
     "model",
-    "device",
-    "dtype",
+    "device, dtype",
     "batch",
     "GFLOPs dense → slim",
-    "theoretical reduction",
-    "measured reduction (ours)",
+    "FLOPs ↓",
+    "ms dense → slim",
+    "spread",
+    "time ↓",
     "ratio",
-    "plain-torch slim reduction",
-    "img/s dense",
-    "img/s slim",
+    "plain torch ↓",
+    "img/s dense → slim",
     "peak MB dense → slim",
 )
+
+
+_SHORT_DTYPES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
+
+
+def significant(value: float, digits: int = 3) -> str:
+    """``value`` rounded to ``digits`` significant digits, without an exponent:
+    0.30612 → "0.306", 21.94 → "21.9", 7000.1 → "7000"."""
+    if value == 0 or not math.isfinite(value):
+        return f"{value:g}"
+    rounded = float(f"{value:.{digits - 1}e}")
+    decimals = max(0, digits - 1 - math.floor(math.log10(abs(rounded))))
+    return f"{rounded:.{decimals}f}"
 
 
 def table_row(row: BenchRow) -> list[str]:
@@ -287,17 +336,17 @@ def table_row(row: BenchRow) -> list[str]:
     batch = f"{row.batch}{' (CUDA graph)' if row.cuda_graphs else ''}"
     return [
         row.model,
-        row.device,
-        row.dtype,
+        f"{row.device.upper()} {_SHORT_DTYPES.get(row.dtype, row.dtype)}",
         batch,
-        f"{row.dense_flops / 1e9:.3f} → {row.slim_flops / 1e9:.3f}",
+        f"{significant(row.dense_flops / 1e9)} → {significant(row.slim_flops / 1e9)}",
         f"{100 * row.flop_reduction:.1f}%",
+        f"{significant(row.dense_ms)} → {significant(row.slim_ms)}",
+        f"{100 * row.spread:.1f}%",
         f"{100 * row.time_reduction:.1f}%",
         f"{row.time_reduction / row.flop_reduction:.2f}",
         f"{100 * torch_reduction:.1f}%",
-        f"{1e3 * row.batch / row.dense_ms:.1f}",
-        f"{1e3 * row.batch / row.slim_ms:.1f}",
-        f"{row.dense_peak_mb:.1f} → {row.slim_peak_mb:.1f}",
+        f"{significant(row.dense_images_per_s)} → {significant(row.slim_images_per_s)}",
+        f"{significant(row.dense_peak_mb)} → {significant(row.slim_peak_mb)}",
     ]
 
 
@@ -336,7 +385,10 @@ def run_benchmarks(
     if cuda_graphs:
         jobs += [(name, 1, True) for name in models]
     rows = []
-    for name, batch, graphs in tqdm(jobs, desc="bench", disable=not progress, unit="row"):
+    # A bar on a terminal only (disable=None): in a log every redraw stays, and tqdm
+    # draws the finished bar twice (last update, then close).
+    bar = tqdm(jobs, desc="bench", disable=None if progress else True, unit="row")
+    for name, batch, graphs in bar:
         if name not in PAPER_FLOP_REDUCTION:
             raise ValueError(
                 f"no paper plan for {name!r}; choose from {sorted(PAPER_FLOP_REDUCTION)}"

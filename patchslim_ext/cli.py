@@ -544,6 +544,16 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         _write_text(args.out / "bench.json", _json_text(records, indent=2))
         _write_text(args.out / "bench.md", f"{describe_machine(device)}\n\n{table}\n")
     _report(args, {"machine": describe_machine(device), "rows": records}, [table])
+    noisy = [row for row in rows if row.noisy]
+    if noisy:
+        print(
+            f"warning: the timings of {len(noisy)} of {len(rows)} rows spread by up to "
+            f"{100 * max(row.spread for row in noisy):.0f}% of their median (10th to 90th "
+            "percentile): they measure the machine's load more than the models. Rerun on a "
+            "quiet machine, with fewer threads (e.g. OMP_NUM_THREADS=1 patchslim bench ...) or "
+            f"more --repeats than {args.repeats}",
+            file=sys.stderr,
+        )
     return 0
 
 

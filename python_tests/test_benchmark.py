@@ -4,22 +4,31 @@ from __future__ import annotations
 
 import copy
 import json
+from pathlib import Path
 
 import pytest
 import torch
 
 import patchslim_ext as ps
+from patchslim_ext import cli
 from patchslim_ext.benchmark import (
+    NOISY_SPREAD,
     PAPER_FLOP_REDUCTION,
+    TABLE_HEADERS,
+    BenchRow,
     compare,
-    median_forward_seconds,
+    forward_seconds,
     peak_memory_bytes,
     pyramid_plan,
+    relative_spread,
+    significant,
     table_row,
     torch_slimmed_forward,
 )
 from patchslim_ext.cli import main
 from patchslim_ext.vit import MODEL_FACTORIES
+
+README = Path(__file__).parents[1] / "README.md"
 
 
 @pytest.mark.parametrize("name", sorted(PAPER_FLOP_REDUCTION))
@@ -62,7 +71,8 @@ def test_compare_row_is_consistent():
     assert row.dense_peak_mb > 0 and row.slim_peak_mb > 0
     record = row.to_dict()
     assert record["ratio"] == pytest.approx(record["time_reduction"] / record["flop_reduction"])
-    assert len(table_row(row)) == 12
+    assert len(table_row(row)) == len(TABLE_HEADERS)
+    assert 0 <= row.spread == max(row.dense_spread, row.slim_spread, row.torch_slim_spread)
 
 
 def test_peak_memory_counts_the_live_intermediates():
@@ -72,18 +82,103 @@ def test_peak_memory_counts_the_live_intermediates():
     assert 2 * 2**20 <= peak <= 2.1 * 2**20
 
 
-def test_median_rotates_inputs():
+def test_peak_memory_needs_no_profiler():
+    with torch.profiler.profile(), pytest.raises(RuntimeError, match="under a profiler"):
+        peak_memory_bytes(lambda x: x + 1, torch.randn(4))
+
+
+def test_timing_rotates_inputs():
     seen = []
     batches = [torch.full((1,), float(i)) for i in range(3)]
-    median_forward_seconds(lambda x: seen.append(int(x.item())), batches, repeats=6, warmup=0)
-    assert seen == [0, 1, 2, 0, 1, 2]
+    times = forward_seconds(lambda x: seen.append(int(x.item())), batches, repeats=6, warmup=0)
+    assert seen == [0, 1, 2, 0, 1, 2] and len(times) == 6
 
 
-def test_bench_command(tmp_path, capsys):
+def test_relative_spread():
+    assert relative_spread([0.1]) == 0.0
+    assert relative_spread([2.0] * 5) == 0.0
+    # Deciles of 1..11 (inclusive): 2 and 10, median 6.
+    assert relative_spread([float(value) for value in range(11, 0, -1)]) == pytest.approx(8 / 6)
+    # One slow run of five moves the 90th percentile, not the median.
+    assert relative_spread([1.0, 1.0, 1.0, 1.0, 3.0]) == pytest.approx(1.2)
+
+
+@pytest.mark.parametrize(
+    ("value", "text"),
+    [(0.30612, "0.306"), (0.3, "0.300"), (21.94, "21.9"), (564.1, "564"), (7000.1, "7000"),
+     (9.996, "10.0"), (0.0, "0"), (-1.2345, "-1.23")],
+)  # fmt: skip
+def test_significant_digits(value, text):
+    assert significant(value) == text
+
+
+def test_readme_table_has_the_bench_columns():
+    """The README's Table 2 and ``patchslim bench`` print the same columns."""
+    section = README.read_text(encoding="utf-8").split("## Practical acceleration", 1)[1]
+    header = next(line for line in section.splitlines() if line.startswith("| model |"))
+    assert tuple(cell.strip() for cell in header.strip("|").split("|")) == TABLE_HEADERS
+
+
+def _row(spreads: tuple[float, float, float], model: str = "deit_tiny_patch16_224") -> BenchRow:
+    """A row with made-up timings (no model is run)."""
+    dense_spread, slim_spread, torch_slim_spread = spreads
+    return BenchRow(
+        model=model, device="cpu", dtype="float32", batch=1, cuda_graphs=False,
+        keep_counts=[197, 100, 1], dense_flops=1_258_000_000, slim_flops=677_000_000,
+        dense_ms=21.94, slim_ms=14.2, torch_slim_ms=15.9, dense_spread=dense_spread,
+        slim_spread=slim_spread, torch_slim_spread=torch_slim_spread, dense_peak_mb=1.7,
+        slim_peak_mb=1.0,
+    )  # fmt: skip
+
+
+def test_table_row_formats_significant_digits():
+    cells = dict(zip(TABLE_HEADERS, table_row(_row((0.05, 0.031, 0.0))), strict=True))
+    assert cells["device, dtype"] == "CPU fp32"
+    assert cells["GFLOPs dense → slim"] == "1.26 → 0.677"
+    assert cells["ms dense → slim"] == "21.9 → 14.2"
+    assert cells["spread"] == "5.0%"
+    assert cells["img/s dense → slim"] == "45.6 → 70.4"
+
+
+def test_noisy_rows_are_those_beyond_the_limit():
+    assert not _row((NOISY_SPREAD, 0.0, NOISY_SPREAD)).noisy
+    assert _row((0.0, 0.0, 1.5 * NOISY_SPREAD)).noisy
+
+
+def test_bench_warns_when_timings_spread(monkeypatch, capsys):
+    rows = [_row((0.02, 0.03, 0.01)), _row((0.02, 0.48, 0.01), model="deit_small_patch16_224")]
+    monkeypatch.setattr(cli, "run_benchmarks", lambda *args, **kwargs: rows)
+    assert main(["bench", "--repeats", "5"]) == 0
+    captured = capsys.readouterr()
+    assert captured.out.count("deit_") == 2  # the table, on stdout
+    (warning,) = captured.err.splitlines()
+    assert warning.startswith("warning: ") and "1 of 2 rows" in warning and "48%" in warning
+    assert "OMP_NUM_THREADS" in warning and "--repeats" in warning
+
+
+def test_bench_is_quiet_when_timings_agree(monkeypatch, capsys):
+    monkeypatch.setattr(cli, "run_benchmarks", lambda *args, **kwargs: [_row((0.02, 0.03, 0.01))])
+    assert main(["bench"]) == 0
+    assert capsys.readouterr().err == ""
+
+
+def test_bench_command(tmp_path, capfd):
     args = ["bench", "--models", "deit_tiny_patch16_224", "--batch", "1", "--repeats", "2"]
-    assert main([*args, "--json", "--out", str(tmp_path)]) == 0
-    summary = json.loads(capsys.readouterr().out)
-    (row,) = summary["rows"]
+    assert main([*args, "--out", str(tmp_path)]) == 0
+    captured = capfd.readouterr()  # file descriptors: kineto logs from C++
+    (row,) = json.loads((tmp_path / "bench.json").read_text())
     assert row["model"] == "deit_tiny_patch16_224" and row["batch"] == 1
     assert row["flop_reduction"] == pytest.approx(0.462, abs=5e-4)
+    assert row["spread"] >= 0
     assert (tmp_path / "bench.md").read_text().count("deit_tiny_patch16_224") == 1
+    assert captured.out.count("deit_tiny_patch16_224") == 1
+    # On stderr (not a terminal here) at most the spread warning: no profiler log lines,
+    # no progress bar.
+    assert all(line.startswith("warning: ") for line in captured.err.splitlines())
+
+
+def test_bench_command_json(capsys):
+    args = ["bench", "--models", "deit_tiny_patch16_224", "--batch", "1", "--repeats", "2"]
+    assert main([*args, "--json"]) == 0
+    (row,) = json.loads(capsys.readouterr().out)["rows"]
+    assert row["dense_ms"] > 0 and row["dense_spread"] >= 0
