@@ -22,13 +22,18 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import safe_open, save_file
+from safetensors.torch import safe_open
 from torch import Tensor, nn
 
 from patchslim_ext.plan import SlimPlan
 from patchslim_ext.pruning import PrunableViT
 from patchslim_ext.vit import VisionTransformer, ViTConfig, resample_position_embedding
-from patchslim_ext.weights import CheckpointError, load_state_dict_file, load_state_dict_strict
+from patchslim_ext.weights import (
+    CheckpointError,
+    load_state_dict_file,
+    load_state_dict_strict,
+    save_safetensors,
+)
 
 _FORMAT = "patchslim-vit"
 
@@ -124,7 +129,7 @@ def save_model(model: nn.Module, path: str | os.PathLike) -> None:
     tensors = {key: value.detach().contiguous().cpu() for key, value in model.state_dict().items()}
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(path.name + ".partial")
-    save_file(tensors, partial, metadata=metadata)
+    save_safetensors(tensors, partial, metadata=metadata)
     os.replace(partial, path)
 
 

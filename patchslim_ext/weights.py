@@ -1,4 +1,5 @@
-"""Reading state dicts without pickle, and strict loading with errors that name the key.
+"""Reading state dicts without pickle, strict loading with errors that name the key,
+and writing safetensors files with ordinary permissions.
 
 A leaf module (it imports only the error classes), so that models, checkpoints and
 tools can all use it without import cycles.
@@ -14,18 +15,19 @@ from __future__ import annotations
 import os
 import pickle
 import re
+import stat
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from patchslim_ext.errors import CheckpointError
 
-__all__ = ["CheckpointError", "load_state_dict_file", "load_state_dict_strict"]
+__all__ = ["CheckpointError", "load_state_dict_file", "load_state_dict_strict", "save_safetensors"]
 
 
 def load_state_dict_file(path: str | os.PathLike) -> dict[str, Tensor]:
@@ -107,3 +109,18 @@ def load_state_dict_strict(model: nn.Module, state_dict: Mapping[str, Tensor]) -
                 f"the model expects {tuple(expected[key].shape)}"
             )
     model.load_state_dict(state_dict, strict=True)
+
+
+def save_safetensors(
+    tensors: dict[str, Tensor], path: str | os.PathLike, metadata: dict[str, str] | None = None
+) -> None:
+    """``safetensors.torch.save_file`` giving the file the permissions that ``open()``
+    gives a new file (0644 under umask 022).
+
+    safetensors writes a private file (0600) whatever the umask, which a checkpoint
+    meant to be shared or served should not be.
+    """
+    with open(path, "wb") as handle:  # the mode open() gives: umask applied, ACLs honoured
+        mode = stat.S_IMODE(os.fstat(handle.fileno()).st_mode)
+    save_file(tensors, path, metadata=metadata)
+    os.chmod(path, mode)

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 import re
+import stat
 
 import pytest
 import torch
@@ -14,7 +16,12 @@ from safetensors.torch import save_file
 import patchslim_ext as ps
 from patchslim_ext.checkpoint import config_from_state_dict, load_model, save_model
 from patchslim_ext.vit import VisionTransformer, ViTConfig
-from patchslim_ext.weights import CheckpointError, load_state_dict_file, load_state_dict_strict
+from patchslim_ext.weights import (
+    CheckpointError,
+    load_state_dict_file,
+    load_state_dict_strict,
+    save_safetensors,
+)
 
 SMALL = ViTConfig(
     img_size=32, patch_size=8, in_chans=3, num_classes=5, embed_dim=64, depth=2, num_heads=2
@@ -61,6 +68,27 @@ def test_a_slimmed_checkpoint_loads_slimmed_unless_asked_for_the_dense_model(tmp
     assert load_model(path, dense=True, img_size=64).config.num_tokens == 65
     with pytest.raises(CheckpointError, match="records num_heads=2"):
         load_model(path, num_heads=4)
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027, 0o077])
+def test_checkpoints_get_the_mode_of_any_new_file(tmp_path, umask):
+    """Not safetensors' private 0600: what open() gives a new file under the umask."""
+    previous = os.umask(umask)
+    try:
+        save_model(_model(), tmp_path / "model.safetensors")
+        save_safetensors({"weight": torch.zeros(2)}, tmp_path / "weights.safetensors")
+        (tmp_path / "reference").touch()
+    finally:
+        os.umask(previous)
+    expected = 0o666 & ~umask
+    assert stat.S_IMODE((tmp_path / "reference").stat().st_mode) == expected
+    for name in ("model.safetensors", "weights.safetensors"):
+        assert stat.S_IMODE((tmp_path / name).stat().st_mode) == expected, name
+    assert sorted(path.name for path in tmp_path.iterdir()) == [
+        "model.safetensors",
+        "reference",
+        "weights.safetensors",
+    ]  # no partial file left
 
 
 def test_state_dict_round_trip_strict(tmp_path):
