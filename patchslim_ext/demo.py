@@ -4,12 +4,14 @@ The bundled checkpoint ``assets/digits_vit.safetensors`` is the demo ViT trained
 the 4,000 training digits (``assets/README.md`` has the exact command). The demo slims
 it (Algorithm 1 on calibration images from the training split), fine-tunes it with
 distillation, and compares dense and slimmed models on the 1,000 held-out digits:
-fvcore FLOPs, top-1, measured CPU throughput and keep counts. It writes two PNGs.
+fvcore FLOPs, top-1, measured CPU throughput and keep counts. It writes two PNGs, the
+slimmed checkpoint, ``summary.json`` and Algorithm 1's run directory.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -30,6 +32,10 @@ DEMO_CHECKPOINT = Path(__file__).parent / "assets" / "digits_vit.safetensors"
 THROUGHPUT_BATCH = 250
 THROUGHPUT_REPEATS = 30
 SHOWN_LABELS = (2, 3, 5, 8)
+# The digit grid paints the patches a block leaves alone this colour, mixed with the
+# digit: bright enough to show on MNIST's black background as well as on the strokes.
+LEFT_ALONE_COLOUR = torch.tensor([1.0, 0.55, 0.1])
+LEFT_ALONE_WEIGHT = 0.65
 
 
 @dataclass
@@ -50,12 +56,15 @@ class DemoSettings:
 def run_demo(
     out_dir: str | Path, settings: DemoSettings | None = None, *, progress: bool = True
 ) -> dict[str, Any]:
-    """Run the demo: writes the PNGs, the slimmed checkpoint and ``summary.json`` to
+    """Run the demo: writes the PNGs, the slimmed checkpoint, ``summary.json`` and the
+    slimming run directory (a rerun with the same settings resumes from it) to
     ``out_dir`` and returns the summary."""
     settings = settings or DemoSettings()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     checkpoint = out_dir / "digits_vit_slim.safetensors"
+    run_dir = out_dir / "slim.run"
+    summary_json = out_dir / "summary.json"
     start = time.perf_counter()
     dense = load_model(DEMO_CHECKPOINT).eval()
     train_digits, test_digits = load_digits("train"), load_digits("test")
@@ -70,7 +79,7 @@ def run_demo(
         block_epochs=settings.block_epochs,
         calib_size=settings.calib_size,
         seed=settings.seed,
-        run_dir=out_dir / "slim.run",
+        run_dir=run_dir,
         progress=progress,
     )
     slim_seconds = time.perf_counter() - slim_start
@@ -134,9 +143,13 @@ def run_demo(
             "total": time.perf_counter() - start,
         },
         "threads": torch.get_num_threads(),
-        "outputs": [str(pyramid_png), str(digits_png), str(checkpoint)],
+        # A directory ends with a separator, so that the list says which is which.
+        "outputs": [
+            *(str(path) for path in (pyramid_png, digits_png, checkpoint, summary_json)),
+            os.path.join(run_dir, ""),
+        ],
     }
-    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    summary_json.write_text(json.dumps(summary, indent=2))
     return summary
 
 
@@ -158,7 +171,7 @@ def format_demo(summary: dict[str, Any]) -> list[str]:
         f"FLOPs reduced by {100 * summary['flop_reduction']:.1f}%, "
         f"top-1 drop {summary['top1_drop']:+.1f} points"
     )
-    lines.append(f"keep counts per block: {summary['keep_counts']}")
+    lines.append(f"tokens kept per block (class token included): {summary['keep_counts']}")
     seconds = summary["seconds"]
     lines.append(
         f"slimming {seconds['slim']:.0f} s, fine-tuning {seconds['finetune']:.0f} s, "
@@ -182,7 +195,8 @@ def _pyplot() -> Any:
 
 
 def plot_keep_counts(plan: SlimPlan, path: str | Path) -> None:
-    """Bar chart of the patches (tokens other than the class token) each block keeps."""
+    """Bar chart of the patches (tokens other than the class token) each block keeps;
+    the printed keep counts are tokens, the class token included."""
     plt = _pyplot()
     patches = [n - 1 for n in plan.keep_counts]
     blocks = range(1, plan.depth + 1)
@@ -191,7 +205,7 @@ def plot_keep_counts(plan: SlimPlan, path: str | Path) -> None:
     axes.bar_label(bars, fontsize=8)
     axes.axhline(plan.num_tokens - 1, color="grey", linestyle="--", linewidth=1, label="dense")
     axes.set_xlabel("block")
-    axes.set_ylabel("patches kept")
+    axes.set_ylabel("patches kept\n(class token not counted)")
     axes.set_xticks(list(blocks))
     axes.set_title("Patches each block computes (slimmed digits ViT)")
     axes.legend(loc="upper right")
@@ -204,7 +218,7 @@ def plot_kept_patches(
     images: torch.Tensor, labels: torch.Tensor, plan: SlimPlan, config: ViTConfig, path: str | Path
 ) -> None:
     """Digits (rows) with the patches each block computes (columns); the patches a
-    block leaves alone are dimmed and tinted red."""
+    block leaves alone are painted :data:`LEFT_ALONE_COLOUR` (legend below the grid)."""
     plt = _pyplot()
     grid = config.img_size // config.patch_size
     blocks = range(1, plan.depth + 1)
@@ -219,17 +233,30 @@ def plot_kept_patches(
         pixel_mask = pixel_mask.repeat_interleave(config.patch_size, 1)
         for row, (image, label) in enumerate(zip(images, labels, strict=True)):
             picture = image[0]
-            background = picture.min()
-            picture = torch.where(pixel_mask, picture, background + 0.3 * (picture - background))
-            pruned = (~pixel_mask).float().numpy()
-            axes[row, column].imshow(picture.numpy(), cmap="gray")
-            axes[row, column].imshow(pruned, cmap="Reds", vmin=0, vmax=1, alpha=0.35 * pruned)
+            grey = (picture - picture.min()) / (picture.max() - picture.min()).clamp_min(1e-12)
+            rgb = torch.where(pixel_mask[..., None], grey[..., None], _left_alone(grey[..., None]))
+            axes[row, column].imshow(rgb.numpy())
             axes[row, column].set_xticks([])
             axes[row, column].set_yticks([])
             if row == 0:
-                axes[row, column].set_title(f"block {block}\n{int(mask.sum())} kept", fontsize=7)
+                title = f"block {block}\n{int(mask.sum())} patches"
+                axes[row, column].set_title(title, fontsize=7)
             if column == 0:
                 axes[row, column].set_ylabel(f"label {int(label)}", fontsize=8)
-    figure.tight_layout()
+    legend = [
+        ("computed by the block", torch.zeros(3)),
+        ("left alone (pruned) by the block", _left_alone(torch.zeros(3))),
+    ]
+    handles = [
+        plt.Rectangle((0, 0), 1, 1, facecolor=colour.tolist(), edgecolor="grey", label=text)
+        for text, colour in legend
+    ]
+    figure.legend(handles=handles, loc="lower center", ncol=2, fontsize=8, frameon=False)
+    figure.tight_layout(rect=(0, 0.06, 1, 1))
     figure.savefig(path, dpi=120)
     plt.close(figure)
+
+
+def _left_alone(grey: torch.Tensor) -> torch.Tensor:
+    """RGB of grey levels in [0, 1] (shape (..., 1)) in a patch a block leaves alone."""
+    return (1 - LEFT_ALONE_WEIGHT) * grey + LEFT_ALONE_WEIGHT * LEFT_ALONE_COLOUR

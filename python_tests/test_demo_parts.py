@@ -1,13 +1,27 @@
 """The demo's pieces that run in seconds: the bundled checkpoint, the digits split,
-the figures and the printed summary (the whole demo runs in scripts/demo.sh)."""
+the figures, and a run cut short to check what it writes and prints (the whole demo
+runs in scripts/demo.sh)."""
 
 from __future__ import annotations
 
+import os
+import stat
+from pathlib import Path
+
 import torch
+from torch.utils.data import TensorDataset
 
 import patchslim_ext as ps
-from patchslim_ext.data import digits_split_indices, load_digits
-from patchslim_ext.demo import DEMO_CHECKPOINT, plot_keep_counts, plot_kept_patches
+from patchslim_ext import demo
+from patchslim_ext.data import DIGITS_SPLITS, digits_split_indices, load_digits
+from patchslim_ext.demo import (
+    DEMO_CHECKPOINT,
+    DemoSettings,
+    format_demo,
+    plot_keep_counts,
+    plot_kept_patches,
+    run_demo,
+)
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -49,3 +63,37 @@ def test_figures(tmp_path):
     plot_kept_patches(images[:3], labels[:3], plan, config, tmp_path / "digits.png")
     for name in ("pyramid.png", "digits.png"):
         assert (tmp_path / name).read_bytes()[:8] == PNG_MAGIC
+
+
+def test_a_short_run_reports_everything_it_wrote(tmp_path, monkeypatch):
+    # A fifth of the digits (the splits are in label order), no tuning, a loose
+    # tolerance: seconds instead of minutes.
+    few = {
+        split: TensorDataset(*(tensor[::5] for tensor in load_digits(split).tensors))
+        for split in DIGITS_SPLITS
+    }
+    monkeypatch.setattr(demo, "load_digits", few.__getitem__)
+    monkeypatch.setattr(demo, "THROUGHPUT_BATCH", 8)
+    monkeypatch.setattr(demo, "THROUGHPUT_REPEATS", 1)
+    settings = DemoSettings(eps=0.5, block_epochs=0, calib_size=32, finetune_epochs=0)
+    previous = os.umask(0o022)
+    try:
+        summary = run_demo(tmp_path, settings, progress=False)
+    finally:
+        os.umask(previous)
+    lines = format_demo(summary)
+    wrote = [line.removeprefix("wrote ") for line in lines if line.startswith("wrote ")]
+    assert wrote == summary["outputs"]
+    assert [Path(path).name for path in wrote] == [
+        "kept_patches_per_block.png",
+        "kept_patches_digits.png",
+        "digits_vit_slim.safetensors",
+        "summary.json",
+        "slim.run",
+    ]
+    *files, run_dir = map(Path, wrote)
+    assert wrote[-1].endswith(os.sep) and (run_dir / "state.json").is_file()
+    for path in files:
+        assert stat.S_IMODE(path.stat().st_mode) == 0o644, path
+    counts = f"tokens kept per block (class token included): {summary['keep_counts']}"
+    assert counts in lines
