@@ -217,6 +217,11 @@ class Outcome:
     def to_dict(self) -> dict[str, float]:
         return {key: round(value, 6) for key, value in self.__dict__.items()}
 
+    def record(self, model: str, seed: int, block: int, method: str, rate: int) -> dict[str, Any]:
+        """One result row: where it was measured (``block`` 0-indexed) and the outcome."""
+        where = {"model": model, "seed": seed, "block": block + 1, "method": method, "rate": rate}
+        return {**where, **self.to_dict()}
+
 
 def _relative(new: Tensor, old: Tensor) -> float:
     return float((new - old).square().sum() / old.square().sum())

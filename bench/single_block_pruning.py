@@ -87,16 +87,7 @@ def run_model(
                 for rate in lab.RATES:
                     with timer("evaluation"):
                         outcome = evaluator.outcome(block, lab.keep_mask(scores, rate))
-                    records.append(
-                        {
-                            "model": name,
-                            "seed": seed,
-                            "block": block + 1,
-                            "method": method,
-                            "rate": rate,
-                            **outcome.to_dict(),
-                        }
-                    )
+                    records.append(outcome.record(name, seed, block, method, rate))
         lab.log(f"{name}: seed {seed} done, {evaluator.runs} pruned forwards so far")
         evaluator.save_memo(memo)
     info = {

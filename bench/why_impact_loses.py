@@ -402,16 +402,7 @@ def run_model(
                 for rate in VARIANT_RATES if method in EVALUATED else ():
                     with timer("evaluation"):
                         outcome = evaluator.outcome(block, lab.keep_mask(values, rate))
-                    records.append(
-                        {
-                            "model": name,
-                            "seed": seed,
-                            "block": block + 1,
-                            "method": method,
-                            "rate": rate,
-                            **outcome.to_dict(),
-                        }
-                    )
+                    records.append(outcome.record(name, seed, block, method, rate))
         evaluator.save_memo(memo)
         lab.log(f"{name}: seed {seed} done ({evaluator.runs} new pruned forwards)")
     with timer("additivity"):
@@ -543,16 +534,7 @@ def additivity(
                 )
                 if method in ("oracle_single", "superposition"):
                     outcome = test.outcome(block, mask)
-                    records.append(
-                        {
-                            "model": name,
-                            "seed": seed,
-                            "block": block + 1,
-                            "method": method,
-                            "rate": rate,
-                            **outcome.to_dict(),
-                        }
-                    )
+                    records.append(outcome.record(name, seed, block, method, rate))
         lab.log(f"{name}: additivity, seed {seed} done")
     return {"rows": rows, "records": records, "first_seed_scores": measured}
 

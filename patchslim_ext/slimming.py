@@ -54,7 +54,7 @@ from patchslim_ext.data import take_images
 from patchslim_ext.errors import NonFiniteError, OutputError, ResumeError, UsageError
 from patchslim_ext.flops import flops_of
 from patchslim_ext.plan import SlimPlan, check_keep_counts
-from patchslim_ext.pruning import check_plan, pruned_block
+from patchslim_ext.pruning import pruned_block
 from patchslim_ext.runtime import all_reduce_sum, process_group
 from patchslim_ext.scoring import ScoreAccumulator
 from patchslim_ext.settings import SlimSettings
@@ -349,9 +349,7 @@ def _check_state(state: _State, config: ViTConfig) -> None:
     if done != list(range(config.depth - len(done), config.depth)) or not done:
         raise ResumeError(f"the blocks done, {[b + 1 for b in done]}, are not the deepest ones")
     try:
-        plan = state.plan(config)
-        check_plan(config, plan)
-        _check_counts(config, plan.keep_counts)
+        _check_counts(config, state.plan(config).keep_counts)
     except ValueError as error:
         raise ResumeError(f"the saved plan does not fit the model: {error}") from None
     logged = sorted(entry.block - 1 for entry in state.log)
