@@ -57,7 +57,7 @@ from patchslim_ext.settings import (
     check_value,
     value_type,
 )
-from patchslim_ext.slimming import slim
+from patchslim_ext.slimming import describe_eps, slim
 from patchslim_ext.training import EpochLog, evaluate, finetune, train
 from patchslim_ext.vit import MODEL_FACTORIES, VisionTransformer
 
@@ -411,6 +411,7 @@ def _cmd_slim(args: argparse.Namespace) -> int:
         "slim_flops": result.flops,
         "flop_reduction": result.flops_reduction,
         "eps": result.eps,
+        "block_eps": result.block_eps,
         "eps_search": [asdict(entry) for entry in result.search],
         "calibration_agreement": result.agreement,
         "warnings": result.warnings,
@@ -425,11 +426,11 @@ def _cmd_slim(args: argparse.Namespace) -> int:
         )
     if result.search:
         lines.append(
-            f"eps {result.eps:.4g}, found in {len(result.search)} runs for a "
+            f"{describe_eps(result.block_eps)}, found in {len(result.search)} runs for a "
             f"{100 * settings.target_reduction:.0f}% FLOP target"
         )
-    elif result.eps is not None:
-        lines.append(f"eps {result.eps:.4g}")
+    elif result.block_eps is not None:
+        lines.append(describe_eps(result.block_eps))
     lines.append(
         f"tokens per block (class token included) {list(result.plan.keep_counts)}: "
         f"{dense / 1e9:.4f} -> {result.flops / 1e9:.4f} GFLOPs "

@@ -65,13 +65,17 @@ from patchslim_ext.vit import ViTConfig
 logger = logging.getLogger("patchslim")
 
 STATE_FILE = "state.json"
-_STATE_VERSION = 2
+_STATE_VERSION = 3
 _WEIGHTS_NAME = re.compile(r"weights-\d+\.safetensors")
 # A FLOP target is met within this many points of reduction (docs/design.md §8).
 FLOPS_TOLERANCE = 0.02
 # Runs of the eps search at most; eps is searched in [_EPS_LOW, _EPS_HIGH].
-SEARCH_RUNS = 12
+SEARCH_RUNS = 16
 _EPS_LOW, _EPS_HIGH, _EPS_START = 1e-5, 0.99, 0.01
+# One eps for every block is bisected until the bracketing pair is this close; the
+# target then lies in a jump of the FLOPs, which per-block tolerances between the two
+# resolve (docs/design.md §8). _BLEND_RESOLUTION: the finest step of the blend position.
+_SPLIT_RATIO, _BLEND_RESOLUTION = 1.2, 1 / 16
 # Below this top-1 agreement with the dense model on the calibration images, the
 # slimmed model has collapsed (fine-tuning rarely recovers it): said loudly.
 COLLAPSED_AGREEMENT = 0.8
@@ -79,41 +83,74 @@ COLLAPSED_AGREEMENT = 0.8
 
 @dataclass
 class BlockLog:
-    """What happened at one block (1-indexed, as in the paper). ``reached_eps`` is None
-    for the uniform and fixed schedules, which have no tolerance."""
+    """What happened at one block (1-indexed, as in the paper). ``eps`` is the tolerance
+    the block was held to; it and ``reached_eps`` are None for the uniform and fixed
+    schedules, which have no tolerance."""
 
     block: int
     kept: int
     errors: list[float] = field(default_factory=list)  # E_{l+1} after each step
     kept_per_step: list[int] = field(default_factory=list)
+    eps: float | None = None
     reached_eps: bool | None = None
     seconds: float = 0.0
 
 
 @dataclass
 class SearchLog:
-    """One run of the eps search: the tolerance tried and the FLOP reduction it gave."""
+    """One run of the eps search: the tolerance of blocks 1 … L−1 (``block_eps[0]`` is
+    block 1's) and the FLOP reduction it gave."""
 
-    eps: float
+    block_eps: list[float]
     flops_reduction: float
+
+
+def describe_eps(block_eps: Sequence[float]) -> str:
+    """``block_eps`` (blocks 1 … L−1) in words, deepest blocks first: ``"eps 0.0021"``, or
+    ``"eps 0.0025 in blocks 8-11, 0.0023 in block 7, 0.0021 in blocks 1-6"``."""
+    if len(set(block_eps)) == 1:
+        return f"eps {block_eps[0]:.4g}"
+    groups: list[tuple[float, int, int]] = []  # eps, deepest block, shallowest block
+    for block in range(len(block_eps), 0, -1):
+        eps = block_eps[block - 1]
+        if groups and groups[-1][0] == eps:
+            groups[-1] = (eps, groups[-1][1], block)
+        else:
+            groups.append((eps, block, block))
+    parts = [
+        f"{eps:.4g} in block {deep}" if deep == shallow else f"{eps:.4g} in blocks {shallow}-{deep}"
+        for eps, deep, shallow in groups
+    ]
+    return "eps " + ", ".join(parts)
 
 
 @dataclass
 class SlimResult:
     """The plan, the slimmed model (a copy of the input model, of its class, with tuned
     weights and the plan set; it shares nothing with the input model), the per-block
-    log (deepest block first), the tolerance used (given or found; None for the uniform
-    and fixed schedules), the eps search's runs, the top-1 agreement of the slimmed and
-    dense models on the calibration images, and warnings (also logged)."""
+    log (deepest block first), the tolerance used, the eps search's runs, the top-1
+    agreement of the slimmed and dense models on the calibration images, and warnings
+    (also logged).
+
+    The tolerance (None for the uniform and fixed schedules) is given or found by the
+    search: ``block_eps`` holds the eps of blocks 1 … L−1; ``eps`` is their common value,
+    or None where the search had to give the deeper blocks a larger eps than the
+    shallower ones to land on the FLOP target (docs/design.md §8)."""
 
     plan: SlimPlan
     model: nn.Module
     log: list[BlockLog]
     settings: SlimSettings
-    eps: float | None
+    block_eps: list[float] | None
     search: list[SearchLog]
     agreement: float
     warnings: list[str]
+
+    @property
+    def eps(self) -> float | None:
+        if self.block_eps is None or len(set(self.block_eps)) > 1:
+            return None
+        return self.block_eps[0]
 
     @property
     def flops(self) -> int:
@@ -192,10 +229,10 @@ def _fingerprint(model: nn.Module, settings: dict) -> str:
 @dataclass
 class _Saved:
     """What a run directory holds: the eps search so far and the last run's state (its
-    tolerance, None without one, and the tuned weights of its blocks done)."""
+    per-block tolerance, None without one, and the tuned weights of its blocks done)."""
 
     search: list[SearchLog]
-    eps: float | None
+    tolerance: tuple[float, ...] | None
     state: _State
     weights: dict[str, Tensor]
 
@@ -232,11 +269,14 @@ class _RunDirectory:
             )
             _check_state(state, student.config)
             search = [
-                SearchLog(float(e["eps"]), float(e["flops_reduction"])) for e in saved["search"]
+                SearchLog([float(e) for e in entry["block_eps"]], float(entry["flops_reduction"]))
+                for entry in saved["search"]
             ]
-            eps = None if saved["eps"] is None else float(saved["eps"])
+            tolerance = saved["block_eps"]
+            if tolerance is not None:
+                tolerance = tuple(float(e) for e in tolerance)
             weights = self._tuned_weights(saved["weights"], state, student)
-            return _Saved(search, eps, state, weights)
+            return _Saved(search, tolerance, state, weights)
         except ResumeError as error:
             raise ResumeError(f"cannot resume from {self.path}: {error}") from None
         except (OSError, KeyError, TypeError, AttributeError, ValueError, SafetensorError) as error:
@@ -286,15 +326,23 @@ class _RunDirectory:
         return weights
 
     def save(
-        self, search: list[SearchLog], eps: float | None, state: _State, student: nn.Module
+        self,
+        search: list[SearchLog],
+        tolerance: tuple[float, ...] | None,
+        state: _State,
+        student: nn.Module,
     ) -> None:
         try:
-            self._save(search, eps, state, student)
+            self._save(search, tolerance, state, student)
         except OSError as error:
             raise OutputError(f"cannot write the run directory {self.path}: {error}") from None
 
     def _save(
-        self, search: list[SearchLog], eps: float | None, state: _State, student: nn.Module
+        self,
+        search: list[SearchLog],
+        tolerance: tuple[float, ...] | None,
+        state: _State,
+        student: nn.Module,
     ) -> None:
         self.path.mkdir(parents=True, exist_ok=True)
         tuned = tuple(f"blocks.{b}." for b in state.keep_counts)
@@ -312,7 +360,7 @@ class _RunDirectory:
             "version": _STATE_VERSION,
             "fingerprint": self.fingerprint,
             "search": [asdict(entry) for entry in search],
-            "eps": eps,
+            "block_eps": tolerance,
             "weights": weights_name,
             "token_order": state.token_order,
             "keep_counts": {str(b): n for b, n in state.keep_counts.items()},
@@ -523,13 +571,14 @@ class _Slimmer:
 
     def run(
         self,
-        eps: float | None,
+        tolerance: tuple[float, ...] | None,
         targets: Sequence[int] | None,
         resume: _Saved | None,
         visited: set[_History],
     ) -> _State:
-        """One top-down pass with tolerance ``eps`` or keep counts ``targets``, from
-        ``resume`` if given; adds the replay keys it used to ``visited``."""
+        """One top-down pass with ``tolerance`` (eps per block, 0-indexed, the last block
+        excepted) or keep counts ``targets``, from ``resume`` if given; adds the replay
+        keys it used to ``visited``."""
         config, settings, student = self.config, self.settings, self.student
         student.load_state_dict(self.dense_weights)
         if resume is not None:
@@ -547,7 +596,9 @@ class _Slimmer:
             (block, state.keep_counts[block]) for block in sorted(state.keep_counts)[::-1][1:]
         )
         label = (
-            "slimming" if eps is None or settings.eps is not None else f"slimming, eps {eps:.3g}"
+            "slimming"
+            if tolerance is None or settings.eps is not None
+            else f"slimming, {describe_eps(tolerance)}"
         )
         rank = process_group()[0]
         steps = tqdm(desc=label, unit="step", disable=not self.progress or rank != 0, leave=False)
@@ -555,9 +606,10 @@ class _Slimmer:
             for block in range(config.depth - 2, -1, -1):
                 if block in state.keep_counts:
                     continue
+                eps = None if tolerance is None else tolerance[block]
                 history = self._slim_block(block, state, history, eps, targets, steps, visited)
                 if self.run_dir is not None and rank == 0:
-                    self.run_dir.save(self.search, eps, state, student)
+                    self.run_dir.save(self.search, tolerance, state, student)
                 if process_group()[1] > 1:
                     dist.barrier()
                 if self.on_block_end is not None:
@@ -607,6 +659,12 @@ class _Slimmer:
                 error, weights = self.steps[key]
                 student.blocks[block].load_state_dict(weights)
             else:
+                before = {
+                    k: v.detach().clone() for k, v in student.blocks[block].state_dict().items()
+                }
+                error_before = _relative_error(
+                    student, block, inputs, targets_z, counts, settings.batch_size
+                )
                 _tune_block(
                     student, block, inputs, targets_z, counts,
                     epochs=settings.block_epochs, batch_size=settings.batch_size,
@@ -615,6 +673,9 @@ class _Slimmer:
                 error = _relative_error(
                     student, block, inputs, targets_z, counts, settings.batch_size
                 )
+                if error > error_before:
+                    student.blocks[block].load_state_dict(before)
+                    error = error_before
                 weights = {
                     k: v.detach().clone() for k, v in student.blocks[block].state_dict().items()
                 }
@@ -630,6 +691,7 @@ class _Slimmer:
             steps.set_postfix(block=block + 1, kept=n, E=f"{error:.4f}")
             if eps is None:
                 break
+            entry.eps = eps
             entry.reached_eps = error <= eps
             if entry.reached_eps or n == config.num_tokens:
                 break
@@ -646,38 +708,66 @@ def _flops_reduction(config: ViTConfig, state: _State) -> float:
     return 1.0 - flops_of(config, state.counts(config)) / flops_of(config)
 
 
-def _search_eps(slimmer: _Slimmer, target: float, saved: _Saved | None) -> tuple[float, _State]:
-    """The tolerance schedule's eps whose run removes ``target`` of the FLOPs within
-    ``FLOPS_TOLERANCE`` (docs/design.md §8): bracket it by factors of 4 from 0.01, then
-    bisect in log space. Runs recorded in ``saved`` are not repeated. Returns the eps
-    and its run's state (the closest run, with a warning, if none is within tolerance)."""
-    config = slimmer.config
-    tried = {entry.eps: entry.flops_reduction for entry in saved.search} if saved else {}
-    slimmer.search = list(saved.search) if saved else []
-    runs: dict[float, tuple[_State, set[_History]]] = {}
-    low = high = None  # eps with too little / too much reduction
-    eps = _EPS_START
+def _blend(low: float, high: float, position: float, blocks: int) -> tuple[float, ...]:
+    """Per-block tolerances between two uniform ones (docs/design.md §8), indexed by
+    block: the ⌊position⌋ deepest of the ``blocks`` tuned blocks hold ``high``, the next
+    one ``low^(1-f)·high^f`` (f the fractional part of ``position``), the others ``low``.
+    Position 0 is ``low`` everywhere, position ``blocks`` is ``high`` everywhere."""
+    whole = math.floor(position)
+    fraction = position - whole
+    deepest_first = [
+        high if k < whole else low ** (1 - fraction) * high**fraction if k == whole else low
+        for k in range(blocks)
+    ]
+    return tuple(deepest_first[::-1])
 
-    def perform(eps: float) -> _State:
-        resume = saved if saved is not None and saved.eps == eps else None
+
+def _search_eps(
+    slimmer: _Slimmer, target: float, saved: _Saved | None
+) -> tuple[tuple[float, ...], _State]:
+    """The tolerance whose run removes ``target`` of the FLOPs within
+    ``FLOPS_TOLERANCE`` (docs/design.md §8). One eps for every block first: bracketed by
+    factors of 4 from 0.01, then bisected in log space. Where the FLOPs jump between two
+    close eps, the deeper blocks take the larger eps and the shallower the smaller, the
+    split bisected along :func:`_blend`. Runs recorded in ``saved`` are not repeated.
+    Returns the tolerance and its run's state (the closest run, with a warning, if none is
+    within tolerance)."""
+    config = slimmer.config
+    blocks = config.depth - 1
+    tried = {tuple(e.block_eps): e.flops_reduction for e in saved.search} if saved else {}
+    slimmer.search = list(saved.search) if saved else []
+    runs: dict[tuple[float, ...], tuple[_State, set[_History]]] = {}
+
+    def perform(tolerance: tuple[float, ...]) -> _State:
+        resume = saved if saved is not None and saved.tolerance == tolerance else None
         visited: set[_History] = set()
-        state = slimmer.run(eps, None, resume, visited)
-        runs[eps] = (state, visited)
+        state = slimmer.run(tolerance, None, resume, visited)
+        runs[tolerance] = (state, visited)
         return state
 
-    for _ in range(SEARCH_RUNS):
-        if eps in tried:
-            reduction = tried[eps]
-        else:
-            reduction = _flops_reduction(config, perform(eps))
-            tried[eps] = reduction
-            slimmer.search.append(SearchLog(eps, reduction))
+    def reduction(tolerance: tuple[float, ...]) -> float:
+        if tolerance not in tried:
+            tried[tolerance] = _flops_reduction(config, perform(tolerance))
+            slimmer.search.append(SearchLog(list(tolerance), tried[tolerance]))
             logger.info(
-                "eps %.4g: %.1f%% fewer FLOPs (target %.1f%%)", eps, 100 * reduction, 100 * target
-            )
-        if abs(reduction - target) <= FLOPS_TOLERANCE:
+                "%s: %.1f%% fewer FLOPs (target %.1f%%)",
+                describe_eps(tolerance), 100 * tried[tolerance], 100 * target,
+            )  # fmt: skip
+        return tried[tolerance]
+
+    def keep_only(*tolerances: tuple[float, ...] | None) -> None:
+        slimmer.forget_except([runs[t][1] for t in tolerances if t in runs])
+
+    def landed(value: float) -> bool:
+        return abs(value - target) <= FLOPS_TOLERANCE
+
+    low = high = None  # one eps for every block, with too little / too much reduction
+    eps = _EPS_START
+    while len(slimmer.search) < SEARCH_RUNS:
+        value = reduction((eps,) * blocks)
+        if landed(value):
             break
-        if reduction < target:
+        if value < target:
             low = eps
         else:
             high = eps
@@ -687,12 +777,23 @@ def _search_eps(slimmer: _Slimmer, target: float, saved: _Saved | None) -> tuple
             following = max(eps / 4, _EPS_LOW)
         else:
             following = math.sqrt(low * high)
-        if following == eps or (low is not None and high is not None and high / low < 1.01):
+        keep_only(*((e,) * blocks for e in (low, high) if e is not None))
+        if following == eps or (low is not None and high is not None and high < _SPLIT_RATIO * low):
             break
         eps = following
-        keep = [visited for e, (_, visited) in runs.items() if e in (low, high)]
-        slimmer.forget_except(keep)
-    best = min(tried, key=lambda e: (abs(tried[e] - target), e))
+    if low is not None and high is not None and not landed(value):
+        below, above = 0.0, float(blocks)  # blend positions with too little / too much
+        while len(slimmer.search) < SEARCH_RUNS and above - below > _BLEND_RESOLUTION:
+            position = (below + above) / 2
+            value = reduction(_blend(low, high, position, blocks))
+            if landed(value):
+                break
+            if value < target:
+                below = position
+            else:
+                above = position
+            keep_only(*(_blend(low, high, p, blocks) for p in (below, above)))
+    best = min(tried, key=lambda t: (abs(tried[t] - target), len(set(t)) > 1, t))
     if best in runs:
         return best, runs[best][0]
     return best, perform(best)  # known from the run directory: run it (again)
@@ -775,18 +876,19 @@ def slim(
     slimmer = _Slimmer(teacher, student, images, settings, run, progress, on_block_end)
     target = settings.target_reduction if settings.schedule == "tolerance" else None
     if target is not None:
-        eps, state = _search_eps(slimmer, target, saved)
+        tolerance, state = _search_eps(slimmer, target, saved)
     else:
-        eps = settings.eps
-        state = slimmer.run(eps, targets, saved, set())
+        tolerance = None if settings.eps is None else (settings.eps,) * (config.depth - 1)
+        state = slimmer.run(tolerance, targets, saved, set())
 
     plan = state.plan(config)
     student.set_plan(plan)
     agreement = _agreement(teacher, student, images, settings.batch_size)
     student.requires_grad_(True)
     result = SlimResult(
-        plan=plan, model=student, log=state.log, settings=settings, eps=eps,
-        search=slimmer.search, agreement=agreement, warnings=[],
+        plan=plan, model=student, log=state.log, settings=settings,
+        block_eps=None if tolerance is None else list(tolerance), search=slimmer.search,
+        agreement=agreement, warnings=[],
     )  # fmt: skip
     for message in _warnings(result, target):
         logger.warning(message)
@@ -799,7 +901,7 @@ def _warnings(result: SlimResult, target: float | None) -> list[str]:
     missed by the eps search (``target``), a slimmed model that no longer agrees with the
     dense one."""
     messages = [
-        f"block {entry.block} did not reach eps {result.eps:.4g}: E_(l+1) = "
+        f"block {entry.block} did not reach eps {entry.eps:.4g}: E_(l+1) = "
         f"{entry.errors[-1]:.4g} with every token kept"
         for entry in sorted(result.log, key=lambda entry: entry.block)
         if entry.reached_eps is False
@@ -808,8 +910,9 @@ def _warnings(result: SlimResult, target: float | None) -> list[str]:
         closest = result.flops_reduction
         messages.append(
             f"no eps reached the {100 * target:.0f}% FLOP target within "
-            f"{100 * FLOPS_TOLERANCE:.0f} points: the closest, eps {result.eps:.4g}, removes "
-            f"{100 * closest:.1f}%; try another target, a smaller r, or schedule 'uniform'"
+            f"{100 * FLOPS_TOLERANCE:.0f} points: the closest, {describe_eps(result.block_eps)}, "
+            f"removes {100 * closest:.1f}%; try another target, a smaller r, or schedule "
+            "'uniform'"
         )
     if result.agreement < COLLAPSED_AGREEMENT:
         messages.append(

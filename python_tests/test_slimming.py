@@ -43,7 +43,8 @@ def tiny_model(digits_slice) -> ps.VisionTransformer:
 
 
 def _slim(model, data, **options):
-    settings = dict(r=3, block_epochs=1, calib_size=96, batch_size=32, lr=1e-3)
+    # lr 1e-4: at 1e-3 a tuning step of this tiny model raises E, and is undone.
+    settings = dict(r=3, block_epochs=1, calib_size=96, batch_size=32, lr=1e-4)
     if not {"eps", "flops_reduction", "keep_counts", "schedule"} & options.keys():
         settings["eps"] = 0.02  # a tolerance: one run (a FLOP target searches eps)
     settings.update(options)
@@ -112,6 +113,82 @@ def test_uniform_schedule_matches_flops(tiny_model, digits_slice):
     assert result.eps is None and all(entry.reached_eps is None for entry in result.log)
     one_fewer = [counts[0] - 1] * (TINY.depth - 1) + [1]
     assert result.flops >= ratio * ps.flops_of(TINY) > ps.flops_of(TINY, one_fewer)
+
+
+def test_flops_target_is_met(tiny_model, digits_slice, tmp_path, monkeypatch):
+    # At lr 1e-3 tuning is mostly undone, which keeps this tiny model's E above 1e-5 (the
+    # smallest eps searched) for the tokens that matter.
+    target, options = 0.45, dict(flops_reduction=0.45, lr=1e-3, run_dir=tmp_path / "run")
+    result = _slim(tiny_model, digits_slice, **options)
+    assert abs(result.flops_reduction - target) <= slimming.FLOPS_TOLERANCE
+    assert not result.warnings
+    assert [entry.flops_reduction for entry in result.search if entry.block_eps == result.block_eps]
+    assert result.flops_reduction == pytest.approx(
+        next(e.flops_reduction for e in result.search if e.block_eps == result.block_eps)
+    )
+    for entry in result.log:  # every block was held to its eps of the tolerance found
+        assert entry.eps == result.block_eps[entry.block - 1]
+        assert entry.reached_eps == (entry.errors[-1] <= entry.eps)
+    # A rerun finds the search in the run directory: no run is repeated.
+    runs = []
+    real_run = slimming._Slimmer.run
+    monkeypatch.setattr(
+        slimming._Slimmer, "run", lambda self, *args: runs.append(args) or real_run(self, *args)
+    )
+    again = _slim(tiny_model, digits_slice, **options)
+    assert again.plan == result.plan and again.search == result.search
+    assert len(runs) <= 1  # at most the chosen run, replayed from its saved blocks
+
+
+class _FakeSlimmer:
+    """A stand-in for the search's slimmer on a 12-block model with 50 tokens: a block
+    keeps 40 tokens below eps 0.002 and 10 at or above it, so one eps for every block
+    jumps from about 21% to 80% fewer FLOPs; per-block tolerances fill the gap."""
+
+    def __init__(self):
+        self.config = ps.ViTConfig(
+            img_size=28, patch_size=4, in_chans=1, num_classes=10, embed_dim=96, depth=12,
+            num_heads=3,
+        )  # fmt: skip
+        self.search = []
+        self.runs = 0
+
+    def run(self, tolerance, targets, resume, visited):
+        self.runs += 1
+        counts, above = {11: 1}, 1
+        for block in range(10, -1, -1):
+            above = max(above, 40 if tolerance[block] < 0.002 else 10)
+            counts[block] = above
+        return slimming._State(list(range(50)), counts, [])
+
+    def forget_except(self, histories):
+        pass
+
+
+@pytest.mark.parametrize("target", [0.3, 0.45, 0.6])
+def test_search_splits_eps_across_blocks_in_a_jump(target):
+    slimmer = _FakeSlimmer()
+    tolerance, state = slimming._search_eps(slimmer, target, None)
+    reduction = slimming._flops_reduction(slimmer.config, state)
+    assert abs(reduction - target) <= slimming.FLOPS_TOLERANCE
+    assert slimmer.runs == len(slimmer.search) <= slimming.SEARCH_RUNS
+    # The deeper blocks are held to the larger eps.
+    assert list(tolerance) == sorted(tolerance) and len(set(tolerance)) > 1
+    assert slimming.describe_eps(tolerance).startswith("eps ")
+
+
+def test_blend_and_describe_eps():
+    low, high = 0.001, 0.004
+    assert slimming._blend(low, high, 0.0, 4) == (low,) * 4
+    assert slimming._blend(low, high, 4.0, 4) == (high,) * 4
+    blend = slimming._blend(low, high, 1.5, 4)
+    assert blend[0] == blend[1] == low and blend[3] == high
+    assert blend[2] == pytest.approx(0.002)  # halfway in log space
+    assert slimming.describe_eps([0.002] * 3) == "eps 0.002"
+    assert (
+        slimming.describe_eps([0.001, 0.001, 0.002, 0.004, 0.004])
+        == "eps 0.004 in blocks 4-5, 0.002 in block 3, 0.001 in blocks 1-2"
+    )
 
 
 def test_same_seed_same_plan(tiny_model, digits_slice):
