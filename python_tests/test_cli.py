@@ -143,3 +143,38 @@ def test_slim_finetune_eval_pipeline(tmp_path):
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
     assert report["fvcore_total"] == report["analytic_total"] == summary["slim_flops"]
+
+
+DEMO = str(Path(ps.__file__).parent / "assets" / "digits_vit.safetensors")
+QUICK_SLIM = ["--calib-size", "64", "--r", "6", "--block-epochs", "0", "--batch-size", "64"]
+
+
+def test_slim_searches_eps_for_the_default_flop_target(tmp_path):
+    out = tmp_path / "slim.safetensors"
+    result = _run("slim", "--checkpoint", DEMO, "--out", str(out), *QUICK_SLIM)
+    assert result.returncode == 0, result.stderr
+    assert "for a 40% FLOP target" in result.stdout
+    result = _run("slim", "--checkpoint", DEMO, "--out", str(out), *QUICK_SLIM, "--json")
+    summary = json.loads(result.stdout)
+    assert summary["settings"]["flops_reduction"] is None  # the default target, 40%
+    assert summary["eps_search"] and len(summary["block_eps"]) == 11
+    chosen = [e for e in summary["eps_search"] if e["block_eps"] == summary["block_eps"]]
+    assert chosen and chosen[0]["flops_reduction"] == pytest.approx(summary["flop_reduction"])
+    if abs(summary["flop_reduction"] - 0.4) > 0.02:
+        assert any("FLOP target" in warning for warning in summary["warnings"])
+    assert [b["eps"] for b in sorted(summary["blocks"], key=lambda b: b["block"])] == (
+        summary["block_eps"]
+    )
+
+
+def test_slim_reports_a_collapsed_model(tmp_path):
+    out = tmp_path / "slim.safetensors"
+    result = _run(
+        "slim", "--checkpoint", DEMO, "--out", str(out), *QUICK_SLIM, "--schedule", "uniform",
+        "--flops-reduction", "0.9", "--json",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    summary = json.loads(result.stdout)
+    assert summary["calibration_agreement"] < 0.8 and summary["eps"] is None
+    assert any("collapsed" in warning for warning in summary["warnings"])
+    assert "collapsed" in result.stderr  # logged as a warning too
