@@ -162,7 +162,8 @@ def format_demo(summary: dict[str, Any]) -> list[str]:
     seconds = summary["seconds"]
     lines.append(
         f"slimming {seconds['slim']:.0f} s, fine-tuning {seconds['finetune']:.0f} s, "
-        f"total {seconds['total']:.0f} s on {summary['threads']} threads"
+        f"total {seconds['total']:.0f} s on {summary['threads']} "
+        f"thread{'' if summary['threads'] == 1 else 's'}"
     )
     lines += [f"wrote {path}" for path in summary["outputs"]]
     return lines
