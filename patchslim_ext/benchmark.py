@@ -33,15 +33,9 @@ from patchslim_ext.ops.pruned_block import (
 )
 from patchslim_ext.plan import SlimPlan
 from patchslim_ext.pruning import mlp_arguments, msa_arguments
+from patchslim_ext.settings import PAPER_FLOP_REDUCTION
 from patchslim_ext.vit import MODEL_FACTORIES, VisionTransformer, ViTConfig
 
-# FLOP reductions of the paper's PS-ViT models (Table 1 and 2).
-PAPER_FLOP_REDUCTION = {
-    "deit_tiny_patch16_224": 0.462,
-    "deit_small_patch16_224": 0.436,
-    "deit_base_patch16_224": 0.443,
-    "t2t_vit_14": 0.404,
-}
 _ROTATING_BATCHES = 3
 # A timing whose 10th–90th percentile range exceeds this fraction of its median says
 # more about the machine's load than about the model.

@@ -112,7 +112,8 @@ def config_from_state_dict(
 
 def save_model(model: nn.Module, path: str | os.PathLike) -> None:
     """Write a model's weights, config and plan (if it has one) to ``path``
-    (safetensors), atomically: a temporary file is renamed over ``path``.
+    (safetensors), atomically: ``<name>.partial`` is written, flushed and renamed over
+    ``path`` (:func:`~patchslim_ext.files.atomic_write`), with the mode a new file gets.
 
     ``model``: our :class:`VisionTransformer` or a timm ViT made prunable
     (:func:`patchslim_ext.timm_models.prunable`).
@@ -128,9 +129,7 @@ def save_model(model: nn.Module, path: str | os.PathLike) -> None:
         metadata["plan"] = model.plan.to_json()
     tensors = {key: value.detach().contiguous().cpu() for key, value in model.state_dict().items()}
     path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(path.name + ".partial")
-    save_safetensors(tensors, partial, metadata=metadata)
-    os.replace(partial, path)
+    save_safetensors(tensors, path, metadata=metadata)  # atomic
 
 
 def _header(path: Path) -> tuple[dict[str, str], dict[str, tuple[int, ...]]]:

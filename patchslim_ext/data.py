@@ -23,9 +23,8 @@ from torch import Tensor
 from torch.utils.data import Dataset, Sampler, TensorDataset
 
 from patchslim_ext.errors import DataError, UsageError
+from patchslim_ext.settings import DIGITS, DIGITS_SPLITS
 
-DIGITS = "digits"
-DIGITS_SPLITS = ("train", "test")
 DIGITS_SPLIT_SEED = 0
 DIGITS_TRAIN_SIZE = 4000
 DIGITS_IMAGE_SIZE = 28

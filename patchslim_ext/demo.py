@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -22,8 +22,10 @@ import torch
 from patchslim_ext.benchmark import median_forward_seconds
 from patchslim_ext.checkpoint import load_model, save_model
 from patchslim_ext.data import load_digits
+from patchslim_ext.files import atomic_write
 from patchslim_ext.flops import count_flops
 from patchslim_ext.plan import SlimPlan
+from patchslim_ext.settings import DemoSettings
 from patchslim_ext.slimming import slim
 from patchslim_ext.training import evaluate, finetune
 from patchslim_ext.vit import ViTConfig
@@ -36,21 +38,6 @@ SHOWN_LABELS = (2, 3, 5, 8)
 # digit: bright enough to show on MNIST's black background as well as on the strokes.
 LEFT_ALONE_COLOUR = torch.tensor([1.0, 0.55, 0.1])
 LEFT_ALONE_WEIGHT = 0.65
-
-
-@dataclass
-class DemoSettings:
-    """Slimming and fine-tuning settings of the demo (r scaled to 50 tokens from the
-    paper's 10 for 197)."""
-
-    eps: float = 0.0022
-    r: int = 3
-    block_epochs: int = 3
-    calib_size: int = 1000
-    finetune_epochs: int = 5
-    finetune_lr: float = 2e-4
-    finetune_shift: int = 2  # random shifts (pixels), as in the bundled model's training
-    seed: int = 0
 
 
 def run_demo(
@@ -149,7 +136,7 @@ def run_demo(
             os.path.join(run_dir, ""),
         ],
     }
-    summary_json.write_text(json.dumps(summary, indent=2))
+    atomic_write(summary_json, lambda partial: partial.write_text(json.dumps(summary, indent=2)))
     return summary
 
 
@@ -175,7 +162,8 @@ def format_demo(summary: dict[str, Any]) -> list[str]:
     seconds = summary["seconds"]
     lines.append(
         f"slimming {seconds['slim']:.0f} s, fine-tuning {seconds['finetune']:.0f} s, "
-        f"total {seconds['total']:.0f} s on {summary['threads']} threads"
+        f"total {seconds['total']:.0f} s on {summary['threads']} "
+        f"thread{'' if summary['threads'] == 1 else 's'}"
     )
     lines += [f"wrote {path}" for path in summary["outputs"]]
     return lines

@@ -21,9 +21,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from patchslim_ext.files import atomic_write
 from patchslim_ext.pruning import PrunableViT
+from patchslim_ext.settings import ONNX_DTYPE_NAMES
 
-ONNX_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+ONNX_DTYPES = {name: getattr(torch, name) for name in ONNX_DTYPE_NAMES}
 
 
 def export_onnx(
@@ -44,7 +46,7 @@ def export_onnx(
         dtype: the weights' and the input's dtype in the file.
 
     The graph takes ``images`` (B, in_chans, H, W) and returns ``logits`` (B, classes).
-    The file is written to a temporary name and renamed once complete.
+    The file is written atomically (:func:`~patchslim_ext.files.atomic_write`).
     """
     if not isinstance(model, PrunableViT):
         raise TypeError(
@@ -76,10 +78,7 @@ def export_onnx(
         )
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(path.name + ".partial")
-    program.save(str(partial))
-    os.replace(partial, path)
-    return path
+    return atomic_write(path, lambda partial: program.save(str(partial)))
 
 
 @contextlib.contextmanager

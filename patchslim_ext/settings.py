@@ -6,8 +6,10 @@ range. :func:`~patchslim_ext.slimming.slim`, :func:`~patchslim_ext.training.trai
 their fields), and the ``patchslim`` command builds its options from the same fields, so
 a default, its help and its check are written once.
 
-This module imports neither torch nor the rest of the package but :mod:`errors`, so
-that ``patchslim --help`` does not load torch.
+The names the command offers as choices (models, benchmark models, data splits, ONNX
+dtypes) and the demo's settings live here too, for the same reason: this module imports
+neither torch nor the rest of the package but :mod:`errors`, so that the command's
+parser, and ``patchslim --help``, do not load torch.
 """
 
 from __future__ import annotations
@@ -32,6 +34,30 @@ MAX_INT = 2**31 - 1
 MAX_SEED = 2**32 - 1
 # Float settings scale float32 weights: they must be finite there.
 MAX_FLOAT32 = 3.4028234663852886e38
+
+# What the command offers by name. The modules that implement them read these (the
+# keys of vit.MODEL_FACTORIES are MODEL_NAMES, which a test checks), so that the
+# parser can list the choices without importing them.
+MODEL_NAMES = (
+    "digits_vit",
+    "deit_tiny_patch16_224",
+    "deit_small_patch16_224",
+    "deit_base_patch16_224",
+    "deit_small_distilled_patch16_224",
+    "deit3_small_patch16_224",
+    "t2t_vit_14",
+    "t2t_vit_t_14",
+)
+# FLOP reductions of the paper's PS-ViT models (Table 1 and 2): `patchslim bench`'s models.
+PAPER_FLOP_REDUCTION = {
+    "deit_tiny_patch16_224": 0.462,
+    "deit_small_patch16_224": 0.436,
+    "deit_base_patch16_224": 0.443,
+    "t2t_vit_14": 0.404,
+}
+DIGITS = "digits"  # the built-in digits, where a command takes an image folder
+DIGITS_SPLITS = ("train", "test")
+ONNX_DTYPE_NAMES = ("float32", "float16", "bfloat16")  # torch dtype names
 
 
 def setting(
@@ -273,3 +299,18 @@ class FinetuneSettings(TrainSettings):
     warmup_epochs: float = _default(TrainSettings, "warmup_epochs", 0.0)
     label_smoothing: float = _default(TrainSettings, "label_smoothing", 0.0)
     distillation: str = _default(TrainSettings, "distillation", "soft")
+
+
+@dataclass
+class DemoSettings:
+    """Slimming and fine-tuning settings of the demo (``patchslim demo``; r scaled to 50
+    tokens from the paper's 10 for 197)."""
+
+    eps: float = 0.0022
+    r: int = 3
+    block_epochs: int = 3
+    calib_size: int = 1000
+    finetune_epochs: int = 5
+    finetune_lr: float = 2e-4
+    finetune_shift: int = 2  # random shifts (pixels), as in the bundled model's training
+    seed: int = 0

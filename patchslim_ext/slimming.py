@@ -52,6 +52,7 @@ from tqdm.auto import tqdm
 
 from patchslim_ext.data import take_images
 from patchslim_ext.errors import NonFiniteError, OutputError, ResumeError, UsageError
+from patchslim_ext.files import atomic_write
 from patchslim_ext.flops import flops_of
 from patchslim_ext.plan import SlimPlan, check_keep_counts
 from patchslim_ext.pruning import pruned_block
@@ -355,7 +356,7 @@ class _RunDirectory:
         previous = {path.name for path in self.path.glob("weights-*.safetensors")}
         serial = 1 + max((int(name[8:-12]) for name in previous), default=0)
         weights_name = f"weights-{serial}.safetensors"
-        _atomic(self.path / weights_name, lambda tmp: save_file(weights, tmp))
+        atomic_write(self.path / weights_name, lambda tmp: save_file(weights, tmp))
         document = {
             "version": _STATE_VERSION,
             "fingerprint": self.fingerprint,
@@ -366,21 +367,9 @@ class _RunDirectory:
             "keep_counts": {str(b): n for b, n in state.keep_counts.items()},
             "log": [asdict(entry) for entry in state.log],
         }
-        _atomic(self.path / STATE_FILE, lambda tmp: tmp.write_text(json.dumps(document)))
+        atomic_write(self.path / STATE_FILE, lambda tmp: tmp.write_text(json.dumps(document)))
         for stale in previous:
             (self.path / stale).unlink(missing_ok=True)
-
-
-def _atomic(path: Path, write: Callable[[Path], object]) -> None:
-    partial = path.with_name(path.name + ".partial")
-    try:
-        write(partial)
-        with open(partial, "rb") as handle:
-            os.fsync(handle.fileno())
-        os.replace(partial, path)
-    except BaseException:
-        partial.unlink(missing_ok=True)
-        raise
 
 
 def _json_int(value: object) -> int:

@@ -1,8 +1,8 @@
 """Reading state dicts without pickle, strict loading with errors that name the key,
-and writing safetensors files with ordinary permissions.
+and writing safetensors files atomically with ordinary permissions.
 
-A leaf module (it imports only the error classes), so that models, checkpoints and
-tools can all use it without import cycles.
+A leaf module (it imports only the error classes and the atomic write), so that models,
+checkpoints and tools can all use it without import cycles.
 
 - ``.safetensors`` files, and
 - ``.pth``/``.pt`` files read with ``torch.load(..., weights_only=True)``, such as the
@@ -15,7 +15,6 @@ from __future__ import annotations
 import os
 import pickle
 import re
-import stat
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
@@ -26,6 +25,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from patchslim_ext.errors import CheckpointError
+from patchslim_ext.files import atomic_write
 
 __all__ = ["CheckpointError", "load_state_dict_file", "load_state_dict_strict", "save_safetensors"]
 
@@ -114,13 +114,11 @@ def load_state_dict_strict(model: nn.Module, state_dict: Mapping[str, Tensor]) -
 def save_safetensors(
     tensors: dict[str, Tensor], path: str | os.PathLike, metadata: dict[str, str] | None = None
 ) -> None:
-    """``safetensors.torch.save_file`` giving the file the permissions that ``open()``
-    gives a new file (0644 under umask 022).
+    """``safetensors.torch.save_file`` through :func:`~patchslim_ext.files.atomic_write`:
+    a complete file or none, with the permissions that ``open()`` gives a new file (0644
+    under umask 022).
 
     safetensors writes a private file (0600) whatever the umask, which a checkpoint
-    meant to be shared or served should not be.
+    meant to be shared or served should not be; the atomic write restores the mode.
     """
-    with open(path, "wb") as handle:  # the mode open() gives: umask applied, ACLs honoured
-        mode = stat.S_IMODE(os.fstat(handle.fileno()).st_mode)
-    save_file(tensors, path, metadata=metadata)
-    os.chmod(path, mode)
+    atomic_write(path, lambda partial: save_file(tensors, partial, metadata=metadata))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-import patchslim_ext  # noqa: F401  (registers torch.ops.patchslim)
+import patchslim_ext.ops  # noqa: F401  (registers torch.ops.patchslim)
 
 
 def _define_torchvision_schemas_if_unloadable() -> None:

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import patchslim_ext as ps
-from patchslim_ext import cli
+from patchslim_ext import commands
 from patchslim_ext.benchmark import (
     NOISY_SPREAD,
     PAPER_FLOP_REDUCTION,
@@ -145,21 +145,68 @@ def test_noisy_rows_are_those_beyond_the_limit():
     assert _row((0.0, 0.0, 1.5 * NOISY_SPREAD)).noisy
 
 
-def test_bench_warns_when_timings_spread(monkeypatch, capsys):
+@pytest.fixture
+def quiet_machine(monkeypatch):
+    """No oversubscription warning, whatever else runs on the machine: the tests that
+    read stderr see only what they look for."""
+    monkeypatch.setattr(commands, "oversubscription_warning", lambda: None)
+
+
+@pytest.fixture
+def restore_threads():
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_bench_warns_when_timings_spread(monkeypatch, capsys, quiet_machine):
     rows = [_row((0.02, 0.03, 0.01)), _row((0.02, 0.48, 0.01), model="deit_small_patch16_224")]
-    monkeypatch.setattr(cli, "run_benchmarks", lambda *args, **kwargs: rows)
+    monkeypatch.setattr(commands, "run_benchmarks", lambda *args, **kwargs: rows)
     assert main(["bench", "--repeats", "5"]) == 0
     captured = capsys.readouterr()
     assert captured.out.count("deit_") == 2  # the table, on stdout
     (warning,) = captured.err.splitlines()
     assert warning.startswith("warning: ") and "1 of 2 rows" in warning and "48%" in warning
-    assert "OMP_NUM_THREADS" in warning and "--repeats" in warning
+    assert "--threads 1" in warning and "--repeats" in warning
 
 
-def test_bench_is_quiet_when_timings_agree(monkeypatch, capsys):
-    monkeypatch.setattr(cli, "run_benchmarks", lambda *args, **kwargs: [_row((0.02, 0.03, 0.01))])
+def test_bench_is_quiet_when_timings_agree(monkeypatch, capsys, quiet_machine):
+    monkeypatch.setattr(
+        commands, "run_benchmarks", lambda *args, **kwargs: [_row((0.02, 0.03, 0.01))]
+    )
     assert main(["bench"]) == 0
     assert capsys.readouterr().err == ""
+
+
+@pytest.mark.parametrize(("before", "asked"), [(2, 1), (1, 2)])
+def test_bench_times_with_the_threads_asked(monkeypatch, capsys, restore_threads, before, asked):
+    """--threads, as for train/slim/finetune/eval/demo: the timings run with that many
+    threads, and the oversubscription check runs first, its warning on stderr."""
+    seen = []
+
+    def run_benchmarks(*args, **kwargs):
+        seen.append(torch.get_num_threads())
+        return [_row((0.02, 0.03, 0.01))]
+
+    checked = []
+
+    def oversubscription_warning():
+        checked.append(torch.get_num_threads())
+        return "the machine looks oversubscribed"
+
+    monkeypatch.setattr(commands, "run_benchmarks", run_benchmarks)
+    monkeypatch.setattr(commands, "oversubscription_warning", oversubscription_warning)
+    torch.set_num_threads(before)
+    assert main(["bench", "--threads", str(asked)]) == 0
+    assert seen == checked == [asked]
+    assert capsys.readouterr().err == "patchslim: warning: the machine looks oversubscribed\n"
+
+
+def test_bench_threads_must_be_positive(capsys):
+    assert main(["bench", "--threads", "0"]) == 2
+    assert capsys.readouterr().err == (
+        "patchslim: error: argument --threads: must be a positive integer, got 0\n"
+    )
 
 
 def test_bench_command(tmp_path, capfd):
@@ -172,9 +219,10 @@ def test_bench_command(tmp_path, capfd):
     assert row["spread"] >= 0
     assert (tmp_path / "bench.md").read_text().count("deit_tiny_patch16_224") == 1
     assert captured.out.count("deit_tiny_patch16_224") == 1
-    # On stderr (not a terminal here) at most the spread warning: no profiler log lines,
-    # no progress bar.
-    assert all(line.startswith("warning: ") for line in captured.err.splitlines())
+    # On stderr (not a terminal here) at most the spread and oversubscription warnings:
+    # no profiler log lines, no progress bar.
+    warnings = ("warning: ", "patchslim: warning: ")
+    assert all(line.startswith(warnings) for line in captured.err.splitlines())
 
 
 def test_bench_command_json(capsys):

@@ -4,6 +4,7 @@ runs in scripts/demo.sh)."""
 
 from __future__ import annotations
 
+import json
 import os
 import stat
 from pathlib import Path
@@ -97,3 +98,14 @@ def test_a_short_run_reports_everything_it_wrote(tmp_path, monkeypatch):
         assert stat.S_IMODE(path.stat().st_mode) == 0o644, path
     counts = f"tokens kept per block (class token included): {summary['keep_counts']}"
     assert counts in lines
+
+
+def test_the_documented_summary_formats_as_the_demo_prints_it():
+    """docs/demo/summary.json is a demo run's summary (here one on 1 thread): it
+    formats into the demo's lines, the keep counts the plan the figures show."""
+    summary = json.loads((Path(__file__).parents[1] / "docs/demo/summary.json").read_text())
+    lines = format_demo(summary)
+    assert f"tokens kept per block (class token included): {summary['keep_counts']}" in lines
+    (timing,) = [line for line in lines if line.startswith("slimming ")]
+    threads = summary["threads"]
+    assert timing.endswith(f"on {threads} thread" + ("" if threads == 1 else "s"))

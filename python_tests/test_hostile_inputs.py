@@ -23,7 +23,7 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 
 import patchslim_ext as ps
-from patchslim_ext import cli
+from patchslim_ext import commands
 from patchslim_ext.checkpoint import load_model, save_model
 from patchslim_ext.cli import main
 
@@ -567,7 +567,7 @@ def test_unexpected_errors_keep_their_traceback(monkeypatch):
     def broken(args):
         raise ValueError("a bug")
 
-    monkeypatch.setattr(cli, "_cmd_info", broken)
+    monkeypatch.setattr(commands, "_cmd_info", broken)
     with pytest.raises(ValueError, match="a bug"):
         main(["info"])
 

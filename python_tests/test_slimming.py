@@ -212,6 +212,11 @@ def test_resume_after_interruption(tiny_model, digits_slice, tmp_path):
         _slim(tiny_model, digits_slice, run_dir=run_dir, on_block_end=stop_after_first_block)
     state = json.loads((run_dir / STATE_FILE).read_text())
     assert list(state["keep_counts"]) == ["3", "2"]  # the last block and the first slimmed
+    # The run's files get the mode of a new file (safetensors alone would write 0600).
+    (tmp_path / "fresh").write_text("")
+    fresh_mode = (tmp_path / "fresh").stat().st_mode & 0o777
+    for name in (STATE_FILE, state["weights"]):
+        assert (run_dir / name).stat().st_mode & 0o777 == fresh_mode
     # A kill while writing leaves only a temporary file next to the committed state.
     (run_dir / (STATE_FILE + ".partial")).write_text("{ truncated")
     finished = []
