@@ -360,11 +360,6 @@ def _cmd_slim(args: argparse.Namespace) -> int:
     settings = _settings(args, SlimSettings)
     name, model = _dense_model(args)
     calib = _dataset(args.data, "train", model, exact=False)
-    if settings.calib_size is not None and settings.calib_size > len(calib):
-        raise UsageError(
-            f"--calib-size {settings.calib_size}: the calibration data {args.data} holds only "
-            f"{len(calib)} images"
-        )
     _start_long_run(args)
     result = slim(model, calib, settings, run_dir=run_dir, progress=not args.json)
     if process_group()[0] == 0:

@@ -213,7 +213,10 @@ class SlimSettings(_Settings):
         None, "one count per block for the fixed schedule, the last the head's tokens"
     )
     calib_size: int | None = setting(
-        1024, "calibration images drawn from the data (None: all)", minimum=1
+        1024,
+        "calibration images drawn from the data, at most (all of them where it holds fewer; "
+        "None: all)",
+        minimum=1,
     )
     score_size: int | None = setting(
         None, "calibration images used for the scores (default: all of them)", minimum=1

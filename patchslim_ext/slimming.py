@@ -72,7 +72,7 @@ _WEIGHTS_NAME = re.compile(r"weights-\d+\.safetensors")
 FLOPS_TOLERANCE = 0.02
 # Runs of the eps search at most; eps is searched in [_EPS_LOW, _EPS_HIGH].
 SEARCH_RUNS = 16
-_EPS_LOW, _EPS_HIGH, _EPS_START = 1e-5, 0.99, 0.01
+_EPS_LOW, _EPS_HIGH, _EPS_START = 1e-8, 0.99, 0.01
 # One eps for every block is bisected until the bracketing pair is this close; the
 # target then lies in a jump of the FLOPs, which per-block tolerances between the two
 # resolve (docs/design.md §8). _BLEND_RESOLUTION: the finest step of the blend position.
@@ -100,10 +100,12 @@ class BlockLog:
 @dataclass
 class SearchLog:
     """One run of the eps search: the tolerance of blocks 1 … L−1 (``block_eps[0]`` is
-    block 1's) and the FLOP reduction it gave."""
+    block 1's), the FLOP reduction it gave, and the largest error E a block accepted (0
+    when none did; where the search goes next)."""
 
     block_eps: list[float]
     flops_reduction: float
+    largest_accepted_error: float = 0.0
 
 
 def describe_eps(block_eps: Sequence[float]) -> str:
@@ -270,7 +272,11 @@ class _RunDirectory:
             )
             _check_state(state, student.config)
             search = [
-                SearchLog([float(e) for e in entry["block_eps"]], float(entry["flops_reduction"]))
+                SearchLog(
+                    [float(e) for e in entry["block_eps"]],
+                    float(entry["flops_reduction"]),
+                    float(entry["largest_accepted_error"]),
+                )
                 for entry in saved["search"]
             ]
             tolerance = saved["block_eps"]
@@ -716,14 +722,15 @@ def _search_eps(
 ) -> tuple[tuple[float, ...], _State]:
     """The tolerance whose run removes ``target`` of the FLOPs within
     ``FLOPS_TOLERANCE`` (docs/design.md §8). One eps for every block first: bracketed by
-    factors of 4 from 0.01, then bisected in log space. Where the FLOPs jump between two
+    factors of 4 from 0.01 (downwards at once to just below the largest error a run
+    accepted, where that is smaller), then bisected in log space. Where the FLOPs jump between two
     close eps, the deeper blocks take the larger eps and the shallower the smaller, the
     split bisected along :func:`_blend`. Runs recorded in ``saved`` are not repeated.
     Returns the tolerance and its run's state (the closest run, with a warning, if none is
     within tolerance)."""
     config = slimmer.config
     blocks = config.depth - 1
-    tried = {tuple(e.block_eps): e.flops_reduction for e in saved.search} if saved else {}
+    tried = {tuple(entry.block_eps): entry for entry in saved.search} if saved else {}
     slimmer.search = list(saved.search) if saved else []
     runs: dict[tuple[float, ...], tuple[_State, set[_History]]] = {}
 
@@ -736,13 +743,25 @@ def _search_eps(
 
     def reduction(tolerance: tuple[float, ...]) -> float:
         if tolerance not in tried:
-            tried[tolerance] = _flops_reduction(config, perform(tolerance))
-            slimmer.search.append(SearchLog(list(tolerance), tried[tolerance]))
+            state = perform(tolerance)
+            accepted = [entry.errors[-1] for entry in state.log if entry.reached_eps]
+            entry = SearchLog(
+                list(tolerance), _flops_reduction(config, state), max(accepted, default=0.0)
+            )
+            tried[tolerance] = entry
+            slimmer.search.append(entry)
             logger.info(
                 "%s: %.1f%% fewer FLOPs (target %.1f%%)",
-                describe_eps(tolerance), 100 * tried[tolerance], 100 * target,
+                describe_eps(tolerance), 100 * entry.flops_reduction, 100 * target,
             )  # fmt: skip
-        return tried[tolerance]
+        return tried[tolerance].flops_reduction
+
+    def below_accepted(eps: float) -> float:
+        """Just below the largest error the run at ``eps`` accepted: the largest eps that
+        changes one of its decisions. On an easy model, whose errors are far below eps,
+        the search goes there in one run instead of many divisions by 4."""
+        largest = tried[(eps,) * blocks].largest_accepted_error
+        return 0.99 * largest if largest > 0 else math.inf
 
     def keep_only(*tolerances: tuple[float, ...] | None) -> None:
         slimmer.forget_except([runs[t][1] for t in tolerances if t in runs])
@@ -763,7 +782,7 @@ def _search_eps(
         if high is None:
             following = min(eps * 4, _EPS_HIGH)
         elif low is None:
-            following = max(eps / 4, _EPS_LOW)
+            following = max(min(eps / 4, below_accepted(eps)), _EPS_LOW)
         else:
             following = math.sqrt(low * high)
         keep_only(*((e,) * blocks for e in (low, high) if e is not None))
@@ -782,7 +801,7 @@ def _search_eps(
             else:
                 above = position
             keep_only(*(_blend(low, high, p, blocks) for p in (below, above)))
-    best = min(tried, key=lambda t: (abs(tried[t] - target), len(set(t)) > 1, t))
+    best = min(tried, key=lambda t: (abs(tried[t].flops_reduction - target), len(set(t)) > 1, t))
     if best in runs:
         return best, runs[best][0]
     return best, perform(best)  # known from the run directory: run it (again)
@@ -846,7 +865,14 @@ def slim(
     if isinstance(calib, Tensor):
         images = calib
     else:
-        images = take_images(calib, settings.calib_size or len(calib), settings.seed)  # type: ignore[arg-type]
+        available = len(calib)  # type: ignore[arg-type]
+        count = min(settings.calib_size or available, available)
+        if count < (settings.calib_size or 0):
+            logger.info(
+                "calibrating on all %d images of the data (calib_size %d asks for more)",
+                available, settings.calib_size,
+            )  # fmt: skip
+        images = take_images(calib, count, settings.seed)
     expected = (config.in_chans, config.img_size, config.img_size)
     if images.dim() != 4 or tuple(images.shape[1:]) != expected or images.shape[0] == 0:
         raise UsageError(

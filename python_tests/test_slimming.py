@@ -191,6 +191,13 @@ def test_blend_and_describe_eps():
     )
 
 
+def test_calib_size_is_an_upper_bound(tiny_model, digits_slice, caplog):
+    with caplog.at_level("INFO", logger="patchslim"):
+        result = _slim(tiny_model, digits_slice, calib_size=10_000, block_epochs=0)
+    assert "calibrating on all 384 images" in caplog.text
+    assert result.plan == _slim(tiny_model, digits_slice, calib_size=None, block_epochs=0).plan
+
+
 def test_same_seed_same_plan(tiny_model, digits_slice):
     first = _slim(tiny_model, digits_slice, score="random", block_epochs=0)
     second = _slim(tiny_model, digits_slice, score="random", block_epochs=0)
