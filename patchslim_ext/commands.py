@@ -36,7 +36,7 @@ from patchslim_ext.benchmark import (
     table_row,
 )
 from patchslim_ext.checkpoint import load_model, save_model
-from patchslim_ext.data import ImageFolder, load_dataset
+from patchslim_ext.data import DIGITS_CLASSES, ImageFolder, load_dataset
 from patchslim_ext.demo import format_demo, run_demo
 from patchslim_ext.errors import CheckpointError, OutputError, PatchslimError, UsageError
 from patchslim_ext.export import ONNX_DTYPES, export_onnx
@@ -95,14 +95,20 @@ def _build_model(
 def _dataset(
     source: str, split: str, model: VisionTransformer, option: str = "--data", *, exact: bool
 ) -> Any:
-    """The digits or an image folder, read at the model's image size and channels; the
-    folder's classes are checked against the model's head: ``exact`` (labels are used)
-    refuses a different count, otherwise a difference is a warning."""
+    """The digits or an image folder, read at the model's image size and channels; its
+    classes (the folders, or the 10 digits) are checked against the model's head:
+    ``exact`` (labels are used) refuses a different count, otherwise fewer class folders
+    than the head's classes are a warning (more are refused; the digits are not checked)."""
     config = model.config
     try:
         data = load_dataset(source, split, config.img_size, config.in_chans)
     except (OSError, PatchslimError) as error:
         raise UsageError(f"{option} {source}: {error}") from None
+    if source == DIGITS and exact and config.num_classes != DIGITS_CLASSES:
+        raise UsageError(
+            f"{option} digits: {DIGITS_CLASSES} classes (the digits 0-9), but the model's head "
+            f"has {config.num_classes} classes"
+        )
     classes = getattr(data, "classes", None)
     if classes is not None and len(classes) != config.num_classes:
         message = (
@@ -252,16 +258,18 @@ def _architecture(args: argparse.Namespace) -> dict[str, int]:
     if args.num_heads is not None:
         changes["num_heads"] = args.num_heads
     num_classes = args.num_classes
+    if num_classes is not None and num_classes < 2:
+        raise UsageError(f"--num-classes {num_classes}: a classifier needs at least 2 classes")
     if num_classes is None and args.data != DIGITS:
         root = Path(args.data)
         if root.is_dir():
             num_classes = sum(1 for entry in root.iterdir() if entry.is_dir())
+            if num_classes < 2:
+                raise UsageError(
+                    f"--data {args.data}: {num_classes} class folder(s); a classifier needs at "
+                    "least 2 (<root>/<class>/<image>)"
+                )
     if num_classes is not None:
-        if num_classes < 2:
-            raise UsageError(
-                f"--data {args.data}: {num_classes} class folder(s); a classifier needs at least "
-                "2 (<root>/<class>/<image>)"
-            )
         changes["num_classes"] = num_classes
     return changes
 

@@ -28,6 +28,7 @@ from patchslim_ext.settings import DIGITS, DIGITS_SPLITS
 DIGITS_SPLIT_SEED = 0
 DIGITS_TRAIN_SIZE = 4000
 DIGITS_IMAGE_SIZE = 28
+DIGITS_CLASSES = 10
 # Mean and standard deviation of MNIST pixels (scaled to [0, 1]).
 DIGITS_MEAN, DIGITS_STD = 0.1307, 0.3081
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -61,7 +62,7 @@ def load_digits(split: str) -> TensorDataset:
     """The ``"train"`` (4,000) or ``"test"`` (1,000) digits.
 
     Returns a TensorDataset of images (n, 1, 28, 28) float32, normalised with the MNIST
-    mean and standard deviation, and labels (n,) int64 in [0, 10).
+    mean and standard deviation, and labels (n,) int64 in [0, ``DIGITS_CLASSES``).
     """
     if split not in DIGITS_SPLITS:
         raise UsageError(f"split must be one of {DIGITS_SPLITS}, got {split!r}")
