@@ -356,8 +356,9 @@ def describe_machine(device: str | torch.device) -> str:
     device = torch.device(device)
     if device.type == "cuda":
         return f"{torch.cuda.get_device_name(device)} (torch {torch.__version__})"
+    threads = torch.get_num_threads()
     return (
-        f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
+        f"{platform.processor() or platform.machine()}, {threads} thread{'s' * (threads != 1)}, "
         f"{cpu_isa()} kernels ({_C.detected_cpu_isa()} detected), torch {torch.__version__}"
     )
 

@@ -24,7 +24,8 @@ LAYER_NORM_FLOPS_PER_ELEMENT = 5
 
 # Ops fvcore has no handle for, free under its convention: element-wise ops (residual
 # adds, GELU, softmax; the T2T performer's feature map, normaliser division and sum) and
-# the T2T soft splits (aten::im2col, a pure rearrangement).
+# the T2T soft splits (aten::im2col) and a slimmed model's token permutation
+# (aten::index_select), pure rearrangements.
 FREE_OPS = (
     "aten::add",
     "aten::add_",
@@ -36,6 +37,7 @@ FREE_OPS = (
     "aten::gelu",
     "aten::softmax",
     "aten::im2col",
+    "aten::index_select",
 )
 
 

@@ -88,6 +88,19 @@ def test_pruned_keep_counts_reduce_flops():
     assert ps.flops_of(config, [197] * 12) == dense
 
 
+def test_a_slimmed_model_with_a_token_order_counts_quietly(caplog):
+    model = ps.digits_vit().eval()
+    order = torch.cat((torch.zeros(1, dtype=torch.long), 1 + torch.randperm(49)))
+    counts = [50] * 4 + [31] * 4 + [19, 10, 1, 1]
+    model.set_plan(ps.SlimPlan(order, counts, 1))
+    with caplog.at_level(logging.WARNING), torch.no_grad():
+        analysis = flop_analysis(model, (torch.randn(1, 1, 28, 28),))
+        total = analysis.total()
+    assert total == ps.flops_of(model.config, counts)
+    assert not analysis.unsupported_ops(), analysis.unsupported_ops()
+    assert "unsupported" not in caplog.text.lower()
+
+
 @pytest.mark.parametrize(
     ("keep_counts", "message"),
     [
