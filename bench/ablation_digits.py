@@ -66,11 +66,13 @@ def parse_args() -> argparse.Namespace:
     return parser.parse_args()
 
 
-def run_seed(model_name: str, dense: Any, seed: int, done: dict[str, dict]) -> None:
+def run_seed(
+    model_name: str, dense: Any, seed: int, digits: tuple[Any, Any], done: dict[str, dict]
+) -> None:
     """Every variant of one model and seed, into ``done`` (variant -> record), skipping
-    the variants already there."""
+    the variants already there. ``digits``: the training and held-out datasets."""
     settings = DemoSettings()
-    train_digits, test_digits = load_digits("train"), load_digits("test")
+    train_digits, test_digits = digits
     common = dict(r=settings.r, calib_size=settings.calib_size, seed=seed, progress=False)
 
     def run(label: str, block_epochs: int, fine_tune: bool, **options: Any) -> None:
@@ -157,6 +159,7 @@ def main() -> None:
     cache = args.cache / "records.json"
     records: list[dict] = json.loads(cache.read_text()) if cache.is_file() else []
     models = load_models(Path("runs/fig67"))
+    digits = load_digits("train"), load_digits("test")
     for model_name in args.models:
         dense = models[model_name][0]
         for seed in args.seeds:
@@ -165,14 +168,14 @@ def main() -> None:
             }
             before = len(done)
             try:
-                run_seed(model_name, dense, seed, done)
+                run_seed(model_name, dense, seed, digits, done)
             finally:
                 new = [r for r in done.values() if r not in records]
                 if len(done) > before:
                     records += new
                     cache.write_text(json.dumps(records, indent=1))
 
-    test_digits = load_digits("test")
+    test_digits = digits[1]
     sections = []
     for model_name in args.models:
         mine = [r for r in records if r["model"] == model_name and r["seed"] in args.seeds]

@@ -60,40 +60,7 @@ _EXPORTS = {
     "train": "training",
 }
 
-__all__ = [
-    "MODEL_FACTORIES",
-    "BlockLog",
-    "CheckpointError",
-    "FinetuneSettings",
-    "PrunableViT",
-    "SlimPlan",
-    "SlimResult",
-    "SlimSettings",
-    "TrainSettings",
-    "ViTConfig",
-    "VisionTransformer",
-    "config_from_timm",
-    "count_flops",
-    "deit3_small_patch16_224",
-    "deit_base_patch16_224",
-    "deit_small_distilled_patch16_224",
-    "deit_small_patch16_224",
-    "deit_tiny_patch16_224",
-    "digits_vit",
-    "evaluate",
-    "finetune",
-    "flops_of",
-    "from_timm",
-    "load_model",
-    "ops",
-    "prunable",
-    "save_model",
-    "set_plan",
-    "slim",
-    "t2t_vit_14",
-    "t2t_vit_t_14",
-    "train",
-]
+__all__ = list(_EXPORTS)
 
 
 def __getattr__(name: str) -> Any:

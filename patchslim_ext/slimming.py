@@ -340,42 +340,33 @@ class _RunDirectory:
         student: nn.Module,
     ) -> None:
         try:
-            self._save(search, tolerance, state, student)
+            self.path.mkdir(parents=True, exist_ok=True)
+            tuned = tuple(f"blocks.{b}." for b in state.keep_counts)
+            weights = {
+                name: tensor.detach().cpu().contiguous()
+                for name, tensor in student.state_dict().items()
+                if name.startswith(tuned)
+            }
+            # A fresh name for every save, so that state.json never names a file being written.
+            previous = {path.name for path in self.path.glob("weights-*.safetensors")}
+            serial = 1 + max((int(name[8:-12]) for name in previous), default=0)
+            weights_name = f"weights-{serial}.safetensors"
+            atomic_write(self.path / weights_name, lambda tmp: save_file(weights, tmp))
+            document = {
+                "version": _STATE_VERSION,
+                "fingerprint": self.fingerprint,
+                "search": [asdict(entry) for entry in search],
+                "block_eps": tolerance,
+                "weights": weights_name,
+                "token_order": state.token_order,
+                "keep_counts": {str(b): n for b, n in state.keep_counts.items()},
+                "log": [asdict(entry) for entry in state.log],
+            }
+            atomic_write(self.path / STATE_FILE, lambda tmp: tmp.write_text(json.dumps(document)))
+            for stale in previous:
+                (self.path / stale).unlink(missing_ok=True)
         except OSError as error:
             raise OutputError(f"cannot write the run directory {self.path}: {error}") from None
-
-    def _save(
-        self,
-        search: list[SearchLog],
-        tolerance: tuple[float, ...] | None,
-        state: _State,
-        student: nn.Module,
-    ) -> None:
-        self.path.mkdir(parents=True, exist_ok=True)
-        tuned = tuple(f"blocks.{b}." for b in state.keep_counts)
-        weights = {
-            name: tensor.detach().cpu().contiguous()
-            for name, tensor in student.state_dict().items()
-            if name.startswith(tuned)
-        }
-        # A fresh name for every save, so that state.json never names a file being written.
-        previous = {path.name for path in self.path.glob("weights-*.safetensors")}
-        serial = 1 + max((int(name[8:-12]) for name in previous), default=0)
-        weights_name = f"weights-{serial}.safetensors"
-        atomic_write(self.path / weights_name, lambda tmp: save_file(weights, tmp))
-        document = {
-            "version": _STATE_VERSION,
-            "fingerprint": self.fingerprint,
-            "search": [asdict(entry) for entry in search],
-            "block_eps": tolerance,
-            "weights": weights_name,
-            "token_order": state.token_order,
-            "keep_counts": {str(b): n for b, n in state.keep_counts.items()},
-            "log": [asdict(entry) for entry in state.log],
-        }
-        atomic_write(self.path / STATE_FILE, lambda tmp: tmp.write_text(json.dumps(document)))
-        for stale in previous:
-            (self.path / stale).unlink(missing_ok=True)
 
 
 def _json_int(value: object) -> int:
@@ -522,6 +513,11 @@ def _tune_block(
     student.requires_grad_(False)
 
 
+def _cloned_state(module: nn.Module) -> dict[str, Tensor]:
+    """A copy of ``module``'s state that later updates of the module leave alone."""
+    return {key: value.detach().clone() for key, value in module.state_dict().items()}
+
+
 _History = tuple[tuple[int, int], ...]  # (block, keep count) of the decisions taken so far
 
 
@@ -654,26 +650,25 @@ class _Slimmer:
                 error, weights = self.steps[key]
                 student.blocks[block].load_state_dict(weights)
             else:
-                before = {
-                    k: v.detach().clone() for k, v in student.blocks[block].state_dict().items()
-                }
-                error_before = _relative_error(
-                    student, block, inputs, targets_z, counts, settings.batch_size
-                )
-                _tune_block(
-                    student, block, inputs, targets_z, counts,
-                    epochs=settings.block_epochs, batch_size=settings.batch_size,
-                    lr=settings.lr, seed=settings.seed * 104729 + block * 1009 + step,
-                )  # fmt: skip
+                # E with the weights the step starts from, and after tuning: a tuning that
+                # raised E is undone (docs/design.md §6.2).
+                weights = _cloned_state(student.blocks[block])
                 error = _relative_error(
                     student, block, inputs, targets_z, counts, settings.batch_size
                 )
-                if error > error_before:
-                    student.blocks[block].load_state_dict(before)
-                    error = error_before
-                weights = {
-                    k: v.detach().clone() for k, v in student.blocks[block].state_dict().items()
-                }
+                if settings.block_epochs > 0:
+                    _tune_block(
+                        student, block, inputs, targets_z, counts,
+                        epochs=settings.block_epochs, batch_size=settings.batch_size,
+                        lr=settings.lr, seed=settings.seed * 104729 + block * 1009 + step,
+                    )  # fmt: skip
+                    tuned_error = _relative_error(
+                        student, block, inputs, targets_z, counts, settings.batch_size
+                    )
+                    if tuned_error <= error:
+                        error, weights = tuned_error, _cloned_state(student.blocks[block])
+                    else:
+                        student.blocks[block].load_state_dict(weights)
                 self.steps[key] = (error, weights)
             if not math.isfinite(error):
                 raise NonFiniteError(
@@ -723,9 +718,9 @@ def _search_eps(
     """The tolerance whose run removes ``target`` of the FLOPs within
     ``FLOPS_TOLERANCE`` (docs/design.md §8). One eps for every block first: bracketed by
     factors of 4 from 0.01 (downwards at once to just below the largest error a run
-    accepted, where that is smaller), then bisected in log space. Where the FLOPs jump between two
-    close eps, the deeper blocks take the larger eps and the shallower the smaller, the
-    split bisected along :func:`_blend`. Runs recorded in ``saved`` are not repeated.
+    accepted, where that is smaller), then bisected in log space. Where the FLOPs jump
+    between two close eps, the deeper blocks take the larger eps and the shallower the
+    smaller, the split bisected along :func:`_blend`. Runs recorded in ``saved`` are not repeated.
     Returns the tolerance and its run's state (the closest run, with a warning, if none is
     within tolerance)."""
     config = slimmer.config
@@ -763,7 +758,7 @@ def _search_eps(
         largest = tried[(eps,) * blocks].largest_accepted_error
         return 0.99 * largest if largest > 0 else math.inf
 
-    def keep_only(*tolerances: tuple[float, ...] | None) -> None:
+    def keep_only(*tolerances: tuple[float, ...]) -> None:
         slimmer.forget_except([runs[t][1] for t in tolerances if t in runs])
 
     def landed(value: float) -> bool:
