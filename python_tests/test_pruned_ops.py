@@ -391,6 +391,36 @@ def test_ops_match_their_references(device, dtype, tokens, n_keep):
     _assert_all_close(got, want, dtype, "mlp_backward")
 
 
+@pytest.mark.parametrize(
+    ("batch", "heads", "channels", "tokens", "n_keep"),
+    [
+        (1, 1, 12, 9, 1),  # one pair: its queries split across threads; d = 12 < a vector
+        (1, 2, 48, 41, 17),  # a query block and one more query; N not a multiple of 8
+        (1, 3, 72, 70, 33),  # d = 24: a full and a partial vector
+        (3, 2, 32, 23, 16),  # exactly one block of 16 queries per pair
+        (2, 4, 256, 50, 50),  # d = 64, as DeiT's heads
+    ],
+)
+def test_fused_attention_every_shape_and_isa(batch, heads, channels, tokens, n_keep, cpu_isa_env):
+    """The CPU attention kernel holds queries across vector lanes and keys in blocks of
+    8: partial query blocks, key tails, head dims that are not a whole vector and
+    splits of one pair's queries over threads, in every ISA, with and without the
+    probabilities (pruned_msa, pruned_msa_), against the reference in float64."""
+    x, msa, _ = _block_inputs(
+        torch.float64, tokens=tokens, channels=channels, hidden=8, seed=tokens, batch=batch
+    )
+    want = _pruned_msa_reference(x, n_keep, heads, *msa, EPS)
+    want_in_place = x.clone()
+    _pruned_msa_inplace_reference(want_in_place, n_keep, heads, *msa, EPS)
+    for isa in cpu_isas():
+        cpu_isa_env(isa)
+        got = torch.ops.patchslim.pruned_msa(x, n_keep, heads, *msa, EPS)
+        _assert_all_close(got, want, torch.float64, f"{isa} msa")
+        got_in_place = x.clone()
+        torch.ops.patchslim.pruned_msa_(got_in_place, n_keep, heads, *msa, EPS)
+        _assert_all_close([got_in_place], [want_in_place], torch.float64, f"{isa} msa_")
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_autograd_matches_autograd_through_the_references(dtype):
     x, msa, mlp = _block_inputs(dtype, tokens=11, channels=24, hidden=30, seed=3)

@@ -131,22 +131,27 @@ struct BiasResidualArgs {
   int64_t cols;
 };
 
-// Queries per pass of the fused attention kernel; its scratch holds
-// dim * keys + kAttentionRows * keys elements of the accumulation type.
-constexpr int kAttentionRows = 4;
+// Elements of the accumulation type the fused attention kernel needs per thread: K and
+// V staged (2·keys·dim) and one block of at most kAttentionLanes queries.
+constexpr int64_t kAttentionLanes = 16;
+constexpr int64_t attention_scratch_size(int64_t dim, int64_t keys) {
+  return 2 * keys * dim + kAttentionLanes * (dim + keys + 1);
+}
 
-// Fused attention core for one (image, head) pair at a time: the n queries against
-// all N keys, softmax, times V. q, k, v, out are (B, H, rows, d) views with a
-// contiguous d; strides are (batch, head, row).
+// Fused attention core: the n queries of each (image, head) pair against its N keys,
+// softmax, times V. q, k, v, out are (B, H, rows, d) views with a contiguous d;
+// strides are (batch, head, row). Each pair's queries are split into query_splits
+// ranges, one task each.
 template <typename T>
 struct AttentionArgs {
   const T* q;
   const T* k;
   const T* v;
   T* out;
-  T* probs;  // (B, H, n, N) contiguous
+  T* probs;  // (B, H, n, N) contiguous, or nullptr where the caller does not want them
   int64_t q_strides[3], k_strides[3], v_strides[3], out_strides[3];
   int64_t heads, queries, keys, dim;
+  int64_t query_splits;
   acc_t<T> scale;
 };
 
@@ -166,8 +171,7 @@ struct CpuKernels {
   void (*bias_gelu)(const BiasGeluArgs<T>&, int64_t begin, int64_t end);
   void (*bias_gelu_backward)(const BiasGeluBackwardArgs<T>&, int64_t begin, int64_t end);
   void (*bias_residual)(const BiasResidualArgs<T>&, int64_t begin, int64_t end);
-  // (image, head) pairs [begin, end); scratch as kAttentionRows says. Float and
-  // double only (nullptr otherwise): 16-bit types use ATen's attention.
+  // Tasks [begin, end) of B·H·query_splits; scratch as attention_scratch_size says.
   void (*attention)(const AttentionArgs<T>&, int64_t begin, int64_t end, acc_t<T>* scratch);
 };
 

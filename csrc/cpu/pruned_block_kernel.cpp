@@ -5,10 +5,7 @@
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
-#include <ATen/ops/_softmax.h>
 #include <ATen/ops/empty.h>
-#include <ATen/ops/matmul.h>
-#include <ATen/ops/scaled_dot_product_attention.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -103,19 +100,9 @@ struct CpuBlock {
   static std::tuple<at::Tensor, at::Tensor> attention(const at::Tensor& q, const at::Tensor& k,
                                                       const at::Tensor& v, double scale,
                                                       bool want_probs) {
-    // Each path where it is fastest (bench/results/pruned_block_cpu.md): without
-    // probabilities (pruned_msa_) ATen's flash attention in every dtype; with them, the
-    // fused kernel in float32/float64, and in bfloat16/float16 oneDNN's GEMMs (AMX where
-    // the CPU has it) around ATen's softmax, as the fused kernel's broadcast FMAs run
-    // in float32.
-    if (!want_probs) {
-      return {block::merge_heads(at::scaled_dot_product_attention(q, k, v, {}, 0.0, false, scale)),
-              at::Tensor()};
-    }
-    if (at::isReducedFloatingType(q.scalar_type())) {
-      auto probs = at::_softmax(at::matmul(q, k.transpose(-2, -1)).mul_(scale), -1, false);
-      return {block::merge_heads(at::matmul(probs, v)), probs};
-    }
+    // One fused kernel for every dtype, with or without the probabilities: faster than
+    // ATen's flash attention and than GEMM + softmax + GEMM in float32 and bfloat16
+    // (bench/results/pruned_block_cpu.md: ours in place vs (a)).
     const int64_t B = q.size(0);
     const int64_t H = q.size(1);
     const int64_t n = q.size(2);
@@ -124,33 +111,41 @@ struct CpuBlock {
     auto context = at::empty({B, n, H * d}, q.options());
     // Heads side by side in the context rows: (B, H, n, d) view of (B, n, C).
     const auto out = context.view({B, n, H, d}).transpose(1, 2);
-    auto probs = at::empty({B, H, n, N}, q.options());
+    auto probs = want_probs ? at::empty({B, H, n, N}, q.options()) : at::Tensor();
     if (context.numel() == 0) return {context, probs};
     const int64_t threads = at::get_num_threads();
-    const int64_t scratch_size = (d + kAttentionRows) * N;
-    auto scratch = at::empty({threads, scratch_size}, q.options());
-    AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "attention_cpu", [&] {
-      AttentionArgs<scalar_t> args{q.const_data_ptr<scalar_t>(),
-                                   k.const_data_ptr<scalar_t>(),
-                                   v.const_data_ptr<scalar_t>(),
-                                   out.mutable_data_ptr<scalar_t>(),
-                                   probs.mutable_data_ptr<scalar_t>(),
-                                   {},
-                                   {},
-                                   {},
-                                   {},
-                                   H,
-                                   n,
-                                   N,
-                                   d,
-                                   static_cast<scalar_t>(scale)};
+    // Fewer (image, head) pairs than twice the threads (batch 1): split each pair's
+    // queries into ranges of whole query blocks, so that every thread has work.
+    const int64_t pairs = B * H;
+    const int64_t query_splits = std::clamp<int64_t>(
+        (2 * threads + pairs - 1) / pairs, 1, (n + kAttentionLanes - 1) / kAttentionLanes);
+    const int64_t scratch_size = attention_scratch_size(d, N);
+    auto scratch =
+        at::empty({threads, scratch_size}, q.options().dtype(accumulate_dtype(q.scalar_type())));
+    PATCHSLIM_DISPATCH_CPU(q.scalar_type(), "attention_cpu", [&] {
+      using K = kernel_t<scalar_t>;
+      AttentionArgs<K> args{data_of<scalar_t>(q),
+                            data_of<scalar_t>(k),
+                            data_of<scalar_t>(v),
+                            mutable_data_of<scalar_t>(out),
+                            want_probs ? mutable_data_of<scalar_t>(probs) : nullptr,
+                            {},
+                            {},
+                            {},
+                            {},
+                            H,
+                            n,
+                            N,
+                            d,
+                            query_splits,
+                            static_cast<acc_t<K>>(scale)};
       head_strides(q, args.q_strides);
       head_strides(k, args.k_strides);
       head_strides(v, args.v_strides);
       head_strides(out, args.out_strides);
-      const auto kernel = kernels_for<scalar_t>(checked_cpu_isa()).attention;
-      scalar_t* scratch_data = scratch.mutable_data_ptr<scalar_t>();
-      at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
+      const auto kernel = kernels_for<K>(checked_cpu_isa()).attention;
+      auto* scratch_data = scratch.mutable_data_ptr<acc_t<K>>();
+      at::parallel_for(0, pairs * query_splits, 1, [&](int64_t begin, int64_t end) {
         kernel(args, begin, end, scratch_data + at::get_thread_num() * scratch_size);
       });
     });

@@ -60,13 +60,13 @@ Tensor context)``
     the probabilities; saved for the backward: ``q`` (B, n_keep, C), ``kv`` (B, N, 2C),
     ``context`` (B, n_keep, C). ``qkv_weight`` (3C, C), ``qkv_bias`` (3C,) or ``None``
     (no bias), ``proj_weight`` (C, C). ``scale`` ``s``: ``None`` is ``1/√d``, d = C/H.
-    The attention core on CPU, each path where the benchmark (``bench/bench_pruned_block.py``)
-    has it fastest: a fused kernel (float32/float64) or oneDNN matmuls around ATen's
-    softmax (bfloat16/float16).
+    The attention core on CPU is one fused kernel in every dtype (fp32 accumulation for
+    bfloat16/float16), faster than ATen's ``scaled_dot_product_attention`` and than
+    matmul + softmax + matmul (``bench/bench_pruned_block.py``).
 
 ``patchslim::pruned_msa_(Tensor(a!) x, …, float eps, float? scale=None) -> ()``: the same,
-written into ``x[:, :n_keep]``; no probabilities are formed, so the attention core is
-ATen's ``scaled_dot_product_attention`` (faster than the fused kernel on CPU).
+written into ``x[:, :n_keep]``; the same attention kernel, which then writes no
+probabilities.
 
 ``patchslim::pruned_msa_backward(Tensor grad_out, Tensor? grad_attn, Tensor x, …,
 Tensor attn, Tensor q, Tensor kv, Tensor context, float? scale=None) -> (grad_x,

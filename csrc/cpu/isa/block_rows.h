@@ -93,76 +93,120 @@ void bias_residual_rows(const BiasResidualArgs<T>& a, int64_t begin, int64_t end
   }
 }
 
-// kRows queries at a time against one (image, head) pair's keys: scores = scale·q Kᵀ
-// into scratch rows, softmax, out = p V. Accumulators stay in registers and each
-// load of Kᵀ or V feeds kRows FMAs. Kᵀ and the scores are in the accumulation type.
-template <typename T, int kRows>
-void attention_query_block(const AttentionArgs<T>& a, int64_t pair, int64_t first,
-                           const acc_t<T>* kt, const T* v, acc_t<T>* scores) {
+// The fused attention kernel works on blocks of V::size queries held across the
+// vector lanes: scores are key-major (N × lanes), so the softmax over the keys is
+// lane-parallel (no horizontal reductions) and K needs no transpose. K and V of the
+// (image, head) pair are staged row-major in the accumulation type, the scaled queries
+// transposed (d × lanes, zero past the last query).
+template <typename T>
+struct AttentionScratch {
+  acc_t<T>* keys;     // N × d
+  acc_t<T>* values;   // N × d
+  acc_t<T>* queries;  // d × lanes
+  acc_t<T>* scores;   // N × lanes
+  acc_t<T>* inverse_sums;  // lanes
+};
+
+// The queries [first, first + count) of one pair, count ≤ V::size.
+template <typename T>
+void attention_query_block(const AttentionArgs<T>& a, int64_t pair, int64_t first, int64_t count,
+                           const AttentionScratch<T>& s) {
   using A = acc_t<T>;
   using V = Vec<A>;
+  constexpr int64_t lanes = V::size;
+  // Keys per pass of Q Kᵀ and queries per pass of P V: each vector load feeds this many
+  // FMAs, enough independent ones to hide the FMA latency.
+  constexpr int kKeys = 8;
+  constexpr int kRows = lanes < 8 ? static_cast<int>(lanes) : 8;
   const int64_t N = a.keys;
   const int64_t d = a.dim;
   const int64_t b = pair / a.heads;
   const int64_t h = pair % a.heads;
-  const T* q[kRows];
-  T* out[kRows];
-  for (int r = 0; r < kRows; ++r) {
-    const int64_t i = first + r;
-    q[r] = a.q + b * a.q_strides[0] + h * a.q_strides[1] + i * a.q_strides[2];
-    out[r] = a.out + b * a.out_strides[0] + h * a.out_strides[1] + i * a.out_strides[2];
+  for (int64_t r = 0; r < lanes; ++r) {
+    const T* q = a.q + b * a.q_strides[0] + h * a.q_strides[1] + (first + r) * a.q_strides[2];
+    for (int64_t t = 0; t < d; ++t) s.queries[t * lanes + r] = r < count ? to_acc(q[t]) * a.scale : A(0);
   }
-  for_each_chunk<T>(N, [&](int64_t c, int64_t n) {
-    V acc[kRows];
-    for (int r = 0; r < kRows; ++r) acc[r] = V::zero();
+  int64_t j = 0;
+  for (; j + kKeys <= N; j += kKeys) {
+    V acc[kKeys];
+    for (int k = 0; k < kKeys; ++k) acc[k] = V::zero();
     for (int64_t t = 0; t < d; ++t) {
-      const V keys = load_chunk(kt + t * N + c, n, A(0));
-      for (int r = 0; r < kRows; ++r) {
-        acc[r] = V::fma(V::broadcast(to_acc(q[r][t]) * a.scale), keys, acc[r]);
-      }
+      const V q = V::load(s.queries + t * lanes);
+      for (int k = 0; k < kKeys; ++k) acc[k] = V::fma(V::broadcast(s.keys[(j + k) * d + t]), q, acc[k]);
     }
-    for (int r = 0; r < kRows; ++r) store_chunk(acc[r], scores + r * N + c, n);
-  });
-  const SoftmaxArgs<A> softmax{{scores, 0, N, kRows}, N, A(1)};
-  softmax_rows(softmax, 0, kRows);
-  for (int r = 0; r < kRows; ++r) {
-    T* p = a.probs + (pair * a.queries + first + r) * N;
-    for_each_chunk<T>(N, [&](int64_t c, int64_t n) {
-      store_chunk(load_chunk(scores + r * N + c, n, A(0)), p + c, n);
+    for (int k = 0; k < kKeys; ++k) acc[k].store(s.scores + (j + k) * lanes);
+  }
+  for (; j < N; ++j) {
+    V acc = V::zero();
+    for (int64_t t = 0; t < d; ++t) acc = V::fma(V::broadcast(s.keys[j * d + t]), V::load(s.queries + t * lanes), acc);
+    acc.store(s.scores + j * lanes);
+  }
+  // Softmax over the keys, unnormalised: P V is scaled by 1/Σ at the end.
+  V best = V::broadcast(-std::numeric_limits<A>::infinity());
+  for (j = 0; j < N; ++j) best = best.max(V::load(s.scores + j * lanes));
+  V total = V::zero();
+  for (j = 0; j < N; ++j) {
+    const V e = vexp(V::load(s.scores + j * lanes) - best);
+    e.store(s.scores + j * lanes);
+    total = total + e;
+  }
+  (V::broadcast(A(1)) / total).store(s.inverse_sums);
+  if (a.probs != nullptr) {
+    for (int64_t r = 0; r < count; ++r) {
+      T* p = a.probs + (pair * a.queries + first + r) * N;
+      for (j = 0; j < N; ++j) p[j] = from_acc<T>(s.scores[j * lanes + r] * s.inverse_sums[r]);
+    }
+  }
+  for (int64_t r0 = 0; r0 < count; r0 += kRows) {
+    for_each_chunk<A>(d, [&](int64_t c, int64_t n) {
+      V acc[kRows];
+      for (int r = 0; r < kRows; ++r) acc[r] = V::zero();
+      for (int64_t key = 0; key < N; ++key) {
+        const V values = load_chunk(s.values + key * d + c, n, A(0));
+        const A* p = s.scores + key * lanes + r0;
+        for (int r = 0; r < kRows; ++r) acc[r] = V::fma(V::broadcast(p[r]), values, acc[r]);
+      }
+      for (int r = 0; r < kRows && r0 + r < count; ++r) {
+        const int64_t i = first + r0 + r;
+        T* out = a.out + b * a.out_strides[0] + h * a.out_strides[1] + i * a.out_strides[2];
+        store_chunk(acc[r] * V::broadcast(s.inverse_sums[r0 + r]), out + c, n);
+      }
     });
   }
-  for_each_chunk<T>(d, [&](int64_t c, int64_t n) {
-    V acc[kRows];
-    for (int r = 0; r < kRows; ++r) acc[r] = V::zero();
-    for (int64_t j = 0; j < N; ++j) {
-      const V values = load_chunk(v + j * a.v_strides[2] + c, n, A(0));
-      for (int r = 0; r < kRows; ++r) acc[r] = V::fma(V::broadcast(scores[r * N + j]), values, acc[r]);
-    }
-    for (int r = 0; r < kRows; ++r) store_chunk(acc[r], out[r] + c, n);
-  });
 }
 
-// Every query of (image, head) pairs [begin, end). Kᵀ is staged in scratch (d × N)
-// so scores are N-wide vector FMAs; scratch also holds kAttentionRows score rows.
+// Tasks [begin, end): task = pair · query_splits + s takes the s-th range of one
+// (image, head) pair's queries, so that a few pairs (batch 1) still fill every thread.
 template <typename T>
 void attention_heads(const AttentionArgs<T>& a, int64_t begin, int64_t end, acc_t<T>* scratch) {
+  using A = acc_t<T>;
+  constexpr int64_t lanes = Vec<A>::size;
+  static_assert(lanes <= kAttentionLanes, "the scratch holds kAttentionLanes queries");
   const int64_t N = a.keys;
   const int64_t d = a.dim;
-  acc_t<T>* kt = scratch;
-  acc_t<T>* scores = scratch + d * N;
-  for (int64_t pair = begin; pair < end; ++pair) {
+  const AttentionScratch<T> s{scratch, scratch + N * d, scratch + 2 * N * d,
+                              scratch + 2 * N * d + d * lanes,
+                              scratch + 2 * N * d + d * lanes + N * lanes};
+  // Ranges of whole query blocks.
+  const int64_t blocks = (a.queries + lanes - 1) / lanes;
+  const int64_t per_split = (blocks + a.query_splits - 1) / a.query_splits * lanes;
+  for (int64_t task = begin; task < end; ++task) {
+    const int64_t pair = task / a.query_splits;
+    const int64_t first = task % a.query_splits * per_split;
+    const int64_t last = std::min(a.queries, first + per_split);
+    if (first >= last) continue;
     const int64_t b = pair / a.heads;
     const int64_t h = pair % a.heads;
-    const T* k = a.k + b * a.k_strides[0] + h * a.k_strides[1];
-    const T* v = a.v + b * a.v_strides[0] + h * a.v_strides[1];
     for (int64_t j = 0; j < N; ++j) {
-      const T* row = k + j * a.k_strides[2];
-      for (int64_t t = 0; t < d; ++t) kt[t * N + j] = to_acc(row[t]);
+      const T* k = a.k + b * a.k_strides[0] + h * a.k_strides[1] + j * a.k_strides[2];
+      const T* v = a.v + b * a.v_strides[0] + h * a.v_strides[1] + j * a.v_strides[2];
+      for_each_chunk<T>(d, [&](int64_t c, int64_t n) {
+        store_chunk(load_chunk(k + c, n, A(0)), s.keys + j * d + c, n);
+        store_chunk(load_chunk(v + c, n, A(0)), s.values + j * d + c, n);
+      });
     }
-    int64_t i = 0;
-    for (; i + kAttentionRows <= a.queries; i += kAttentionRows) {
-      attention_query_block<T, kAttentionRows>(a, pair, i, kt, v, scores);
+    for (int64_t i = first; i < last; i += lanes) {
+      attention_query_block(a, pair, i, std::min(lanes, last - i), s);
     }
-    for (; i < a.queries; ++i) attention_query_block<T, 1>(a, pair, i, kt, v, scores);
   }
 }
