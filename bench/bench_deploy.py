@@ -5,7 +5,8 @@ One run times every cell side by side: DeiT-Ti/S/B and T2T-ViT-14 at 224×224 wi
 paper's FLOP reductions (pyramid plans, random weights), batch 32 and 1. Each cell is
 the median of ``--repeats`` timed calls (after warm-up) rotating over three batches; the
 spread (10th–90th percentile) is reported, and a cell whose spread exceeds 20% of its
-median is flagged. Results go to bench/results/deploy_cpu.{json,md}.
+median is flagged. Dense and slimmed calls alternate, so that load changes on the
+machine fall on both alike. Results go to bench/results/deploy_cpu.{json,md}.
 
     python bench/bench_deploy.py
     python bench/bench_deploy.py --models deit_small_patch16_224 --batch 32 --repeats 10
@@ -34,19 +35,31 @@ from patchslim_ext.export import export_onnx
 from patchslim_ext.flops import flops_of
 from patchslim_ext.vit import MODEL_FACTORIES
 
-ENGINES = ("eager fp32", "eager bf16", "compile bf16", "onnxruntime fp32")
+# Each engine and the dtype of the images it takes.
+ENGINES = {
+    "eager fp32": torch.float32,
+    "eager bf16": torch.bfloat16,
+    "compile bf16": torch.bfloat16,
+    "onnxruntime fp32": torch.float32,
+}
 NOISY_SPREAD = 0.2
 
 
-def _timings(forward: Callable[[Tensor], object], batches: list[Tensor], repeats: int) -> list:
+def _timings(
+    forwards: dict[str, Callable[[Tensor], object]], batches: list[Tensor], repeats: int
+) -> dict[str, list[float]]:
+    """Seconds per call of each forward, the forwards' calls interleaved, so that a change
+    in the machine's load (a shared 2-core VM) falls on every variant alike."""
+    times = {variant: [] for variant in forwards}
     with torch.no_grad():
-        for batch in batches:  # warm-up (and, for torch.compile, compilation)
-            forward(batch)
-        times = []
+        for forward in forwards.values():  # warm-up (and, for torch.compile, compilation)
+            for batch in batches:
+                forward(batch)
         for index in range(repeats):
-            start = time.perf_counter()
-            forward(batches[index % len(batches)])
-            times.append(time.perf_counter() - start)
+            for variant, forward in forwards.items():
+                start = time.perf_counter()
+                forward(batches[index % len(batches)])
+                times[variant].append(time.perf_counter() - start)
     return times
 
 
@@ -62,16 +75,16 @@ def _onnx_forward(model: nn.Module, batch: int, workdir: Path) -> Callable[[Tens
 
 def _forward(
     engine: str, model: nn.Module, batch: int, workdir: Path
-) -> tuple[Callable[[Tensor], object], torch.dtype]:
+) -> Callable[[Tensor], object]:
     if engine == "eager fp32":
-        return model, torch.float32
+        return model
     if engine == "eager bf16":
-        return copy.deepcopy(model).to(torch.bfloat16), torch.bfloat16
+        return copy.deepcopy(model).to(torch.bfloat16)
     if engine == "compile bf16":
-        return torch.compile(copy.deepcopy(model).to(torch.bfloat16)), torch.bfloat16
+        return torch.compile(copy.deepcopy(model).to(torch.bfloat16))
     if engine == "onnxruntime fp32":
-        return _onnx_forward(model, batch, workdir), torch.float32
-    raise ValueError(f"unknown engine {engine!r}; choose from {ENGINES}")
+        return _onnx_forward(model, batch, workdir)
+    raise ValueError(f"unknown engine {engine!r}; choose from {list(ENGINES)}")
 
 
 def _cell(times: list[float]) -> dict:
@@ -104,12 +117,16 @@ def run(models: list[str], batches: list[int], engines: list[str], repeats: dict
                 for engine in engines:
                     row = {"model": name, "batch": batch, "engine": engine}
                     row["flop_reduction"] = reduction
-                    for variant, model in (("dense", dense), ("slim", slimmed)):
-                        print(f"{name} batch {batch} {engine} {variant}", file=sys.stderr)
-                        forward, dtype = _forward(engine, model, batch, Path(workdir))
-                        inputs = [x.to(dtype) for x in images]
-                        cell = _cell(_timings(forward, inputs, repeats[batch]))
-                        row.update({f"{variant}_{key}": value for key, value in cell.items()})
+                    print(f"{name} batch {batch} {engine}", file=sys.stderr)
+                    forwards = {
+                        variant: _forward(engine, model, batch, Path(workdir))
+                        for variant, model in (("dense", dense), ("slim", slimmed))
+                    }
+                    inputs = [x.to(ENGINES[engine]) for x in images]
+                    for variant, times in _timings(forwards, inputs, repeats[batch]).items():
+                        row.update(
+                            {f"{variant}_{key}": value for key, value in _cell(times).items()}
+                        )
                     row["time_reduction"] = 1 - row["slim_ms"] / row["dense_ms"]
                     row["ratio"] = row["time_reduction"] / reduction
                     rows.append(row)
@@ -148,7 +165,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=sorted(PAPER_FLOP_REDUCTION))
     parser.add_argument("--batch", type=int, nargs="+", default=[32, 1])
-    parser.add_argument("--engines", nargs="+", default=list(ENGINES), choices=ENGINES)
+    parser.add_argument("--engines", nargs="+", default=list(ENGINES), choices=list(ENGINES))
     parser.add_argument("--repeats", type=int, default=10, help="timed calls at batch > 1")
     parser.add_argument("--repeats-batch-1", type=int, default=30, help="timed calls at batch 1")
     parser.add_argument("--name", default="deploy_cpu", help="results file name")

@@ -53,6 +53,29 @@ def _split_size(size: int, kernel: int, stride: int, padding: int) -> int:
     return (size + 2 * padding - kernel) // stride + 1
 
 
+def soft_split(x: Tensor, kernel: int, stride: int, padding: int) -> Tensor:
+    """``nn.Unfold`` as tokens: (B, H, W, C) -> (B, rows·cols, C·kernel²).
+
+    The zero-padded kernel × kernel windows, row-major, each flattened channel-major
+    (``c·kernel² + i·kernel + j``, Unfold's order), so that ``soft_split(images.permute(0,
+    2, 3, 1), …)`` equals ``nn.Unfold(…)(images).transpose(1, 2)``. ``x`` may be any view
+    (the channels-last view of an image, or tokens viewed as their grid): one padded copy
+    and one gather into the contiguous result, instead of Unfold's image-major output and
+    the transposes around it.
+    """
+    batch, height, width, channels = x.shape
+    padded = nn.functional.pad(x, (0, 0, padding, padding, padding, padding))
+    rows = _split_size(height, kernel, stride, padding)
+    cols = _split_size(width, kernel, stride, padding)
+    batch_stride, row_stride, col_stride, channel_stride = padded.stride()
+    windows = padded.as_strided(
+        (batch, rows, cols, channels, kernel, kernel),
+        (batch_stride, stride * row_stride, stride * col_stride, channel_stride, row_stride,
+         col_stride),
+    )  # fmt: skip
+    return windows.reshape(batch, rows * cols, channels * kernel * kernel)
+
+
 def _no_autocast(device: torch.device) -> contextlib.AbstractContextManager[None]:
     if torch.amp.is_autocast_available(device.type):
         return torch.autocast(device_type=device.type, enabled=False)
@@ -248,11 +271,10 @@ class TokensToToken(nn.Module):
             )
         self.tokens_type = tokens_type
         self.in_chans = in_chans
-        (k0, s0, p0), (k1, s1, p1), (k2, s2, p2) = SOFT_SPLITS
-        self.soft_split0 = nn.Unfold(kernel_size=(k0, k0), stride=(s0, s0), padding=(p0, p0))
-        self.soft_split1 = nn.Unfold(kernel_size=(k1, k1), stride=(s1, s1), padding=(p1, p1))
-        self.soft_split2 = nn.Unfold(kernel_size=(k2, k2), stride=(s2, s2), padding=(p2, p2))
-        # Unfold's features are channel-major: c·k·k + row·k + col.
+        # The official soft_split0-2 are nn.Unfold modules (no parameters): here
+        # soft_split with the geometry of SOFT_SPLITS, same values, token-major.
+        (k0, s0, _), (k1, s1, _), (k2, s2, _) = SOFT_SPLITS
+        # Features are channel-major: c·k·k + row·k + col.
         dim1, dim2 = in_chans * k0 * k0, token_dim * k1 * k1
         self.attention1: nn.Module
         self.attention2: nn.Module
@@ -285,11 +307,10 @@ class TokensToToken(nn.Module):
             )
         batch = images.shape[0]
         (h0, w0), (h1, w1), _ = self.grid_sizes(images.shape[2], images.shape[3])
-        x = self.soft_split0(images).transpose(1, 2)  # (B, h0·w0, in_chans·49)
+        split0, split1, split2 = SOFT_SPLITS
+        x = soft_split(images.permute(0, 2, 3, 1), *split0)  # (B, h0·w0, in_chans·49)
         x = self.attention1(x)  # (B, h0·w0, token_dim)
-        x = x.transpose(1, 2).reshape(batch, -1, h0, w0)
-        x = self.soft_split1(x).transpose(1, 2)  # (B, h1·w1, token_dim·9)
+        x = soft_split(x.reshape(batch, h0, w0, -1), *split1)  # (B, h1·w1, token_dim·9)
         x = self.attention2(x)  # (B, h1·w1, token_dim)
-        x = x.transpose(1, 2).reshape(batch, -1, h1, w1)
-        x = self.soft_split2(x).transpose(1, 2)  # (B, h2·w2, token_dim·9)
+        x = soft_split(x.reshape(batch, h1, w1, -1), *split2)  # (B, h2·w2, token_dim·9)
         return self.project(x)  # (B, h2·w2, embed_dim)

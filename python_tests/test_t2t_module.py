@@ -206,14 +206,22 @@ def test_output_shape_and_soft_split_geometry(tokens_type):
     assert seen["project"] == ((1, 14 * 14, 64 * 3 * 3), (1, 14 * 14, 384))
 
 
-def test_soft_splits_are_padded_windows():
-    module = t2t.TokensToToken(img_size=32, token_dim=8, embed_dim=16)
-    images = torch.randn(2, 3, 32, 40)
-    for split, (kernel, stride, padding) in zip(
-        (module.soft_split0, module.soft_split1, module.soft_split2), t2t.SOFT_SPLITS, strict=True
-    ):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_soft_splits_are_padded_windows(dtype):
+    """soft_split on a channels-last view (of an image, or of tokens as their grid)
+    equals nn.Unfold, the official soft split, transposed to tokens."""
+    images = torch.randn(2, 3, 32, 40, dtype=dtype)
+    tokens = torch.randn(2, 15 * 9, 8, dtype=dtype)
+    for kernel, stride, padding in t2t.SOFT_SPLITS:
+        unfold = nn.Unfold(kernel, stride=stride, padding=padding)
         expected = soft_split_reference(images, kernel, stride, padding)
-        assert torch.equal(split(images).transpose(1, 2), expected)
+        assert torch.equal(unfold(images).transpose(1, 2), expected)
+        assert torch.equal(
+            t2t.soft_split(images.permute(0, 2, 3, 1), kernel, stride, padding), expected
+        )
+        grid = tokens.view(2, 15, 9, 8)
+        expected = soft_split_reference(grid.permute(0, 3, 1, 2), kernel, stride, padding)
+        assert torch.equal(t2t.soft_split(grid, kernel, stride, padding), expected)
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
