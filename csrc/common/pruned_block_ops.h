@@ -194,8 +194,14 @@ struct MsaProjections {
 
 template <typename Backend>
 MsaProjections msa_projections(const at::Tensor& normed, int64_t n_keep, int64_t num_heads,
-                               const MsaParams& p) {
+                               const MsaParams& p, bool views_suffice) {
   const int64_t C = normed.size(2);
+  if (views_suffice && n_keep == normed.size(1)) {
+    // Every row kept, and Q, K|V not returned (the in-place op): one GEMM, and Q and
+    // K|V as views of its (B, N, 3C) output. A call fewer, which shows in small blocks.
+    const auto qkv = at::linear(normed, p.qkv_weight, p.qkv_bias);
+    return {qkv.narrow(2, 0, C), qkv.narrow(2, C, 2 * C), num_heads};
+  }
   const auto bias = [&](int64_t start, int64_t length) -> std::optional<at::Tensor> {
     if (!p.qkv_bias.has_value()) return std::nullopt;
     return p.qkv_bias->narrow(0, start, length);
@@ -233,7 +239,8 @@ template <typename Backend>
 MsaForward msa_core(const at::Tensor& x, int64_t n_keep, int64_t num_heads, const MsaParams& p,
                     double eps, std::optional<double> scale, bool want_probs) {
   const auto normed = std::get<0>(Backend::layer_norm(x, p.ln_weight, p.ln_bias, eps));
-  const auto proj = msa_projections<Backend>(normed, n_keep, num_heads, p);
+  // Without probabilities (the in-place op) the projections are not returned either.
+  const auto proj = msa_projections<Backend>(normed, n_keep, num_heads, p, !want_probs);
   auto [context, probs] =
       Backend::attention(proj.q_heads(), proj.k_heads(), proj.v_heads(),
                          attention_scale(x.size(2), num_heads, scale), want_probs);
