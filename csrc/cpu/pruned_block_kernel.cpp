@@ -102,7 +102,7 @@ struct CpuBlock {
                                                       bool want_probs) {
     // One fused kernel for every dtype, with or without the probabilities: faster than
     // ATen's flash attention and than GEMM + softmax + GEMM in float32 and bfloat16
-    // (bench/results/pruned_block_cpu.md: ours in place vs (a)).
+    // (docs/design.md §10; bench/results/pruned_block_cpu.md, in place vs (a)).
     const int64_t B = q.size(0);
     const int64_t H = q.size(1);
     const int64_t n = q.size(2);

@@ -93,11 +93,11 @@ void bias_residual_rows(const BiasResidualArgs<T>& a, int64_t begin, int64_t end
   }
 }
 
-// The fused attention kernel works on blocks of V::size queries held across the
-// vector lanes: scores are key-major (N × lanes), so the softmax over the keys is
-// lane-parallel (no horizontal reductions) and K needs no transpose. K and V of the
-// (image, head) pair are staged row-major in the accumulation type, the scaled queries
-// transposed (d × lanes, zero past the last query).
+// The fused attention kernel (docs/design.md §10) works on blocks of V::size queries
+// held across the vector lanes: scores are key-major (N × lanes), so the softmax over
+// the keys is lane-parallel (no horizontal reductions) and K needs no transpose. K and V
+// of the (image, head) pair are staged row-major in the accumulation type, the scaled
+// queries transposed (d × lanes, zero past the last query).
 template <typename T>
 struct AttentionScratch {
   acc_t<T>* keys;     // N × d
