@@ -101,7 +101,7 @@ def test_a_short_run_reports_everything_it_wrote(tmp_path, monkeypatch):
 
 
 def test_the_documented_summary_formats_as_the_demo_prints_it():
-    """docs/demo/summary.json is a demo run's summary (here one on 1 thread): it
+    """docs/demo/summary.json is a demo run's summary (1 or more threads): it
     formats into the demo's lines, the keep counts the plan the figures show."""
     summary = json.loads((Path(__file__).parents[1] / "docs/demo/summary.json").read_text())
     lines = format_demo(summary)
