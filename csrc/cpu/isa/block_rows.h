@@ -123,8 +123,12 @@ void attention_query_block(const AttentionArgs<T>& a, int64_t pair, int64_t firs
   const int64_t b = pair / a.heads;
   const int64_t h = pair % a.heads;
   for (int64_t r = 0; r < lanes; ++r) {
+    if (r >= count) {
+      for (int64_t t = 0; t < d; ++t) s.queries[t * lanes + r] = A(0);
+      continue;
+    }
     const T* q = a.q + b * a.q_strides[0] + h * a.q_strides[1] + (first + r) * a.q_strides[2];
-    for (int64_t t = 0; t < d; ++t) s.queries[t * lanes + r] = r < count ? to_acc(q[t]) * a.scale : A(0);
+    for (int64_t t = 0; t < d; ++t) s.queries[t * lanes + r] = to_acc(q[t]) * a.scale;
   }
   int64_t j = 0;
   for (; j + kKeys <= N; j += kKeys) {
@@ -132,13 +136,17 @@ void attention_query_block(const AttentionArgs<T>& a, int64_t pair, int64_t firs
     for (int k = 0; k < kKeys; ++k) acc[k] = V::zero();
     for (int64_t t = 0; t < d; ++t) {
       const V q = V::load(s.queries + t * lanes);
-      for (int k = 0; k < kKeys; ++k) acc[k] = V::fma(V::broadcast(s.keys[(j + k) * d + t]), q, acc[k]);
+      for (int k = 0; k < kKeys; ++k) {
+        acc[k] = V::fma(V::broadcast(s.keys[(j + k) * d + t]), q, acc[k]);
+      }
     }
     for (int k = 0; k < kKeys; ++k) acc[k].store(s.scores + (j + k) * lanes);
   }
   for (; j < N; ++j) {
     V acc = V::zero();
-    for (int64_t t = 0; t < d; ++t) acc = V::fma(V::broadcast(s.keys[j * d + t]), V::load(s.queries + t * lanes), acc);
+    for (int64_t t = 0; t < d; ++t) {
+      acc = V::fma(V::broadcast(s.keys[j * d + t]), V::load(s.queries + t * lanes), acc);
+    }
     acc.store(s.scores + j * lanes);
   }
   // Softmax over the keys, unnormalised: P V is scaled by 1/Σ at the end.
