@@ -394,9 +394,9 @@ def test_ops_match_their_references(device, dtype, tokens, n_keep):
 @pytest.mark.parametrize(
     ("batch", "heads", "channels", "tokens", "n_keep"),
     [
-        (1, 1, 12, 9, 1),  # one pair: its queries split across threads; d = 12 < a vector
-        (1, 2, 48, 41, 17),  # a query block and one more query; N not a multiple of 8
-        (1, 3, 72, 70, 33),  # d = 24: a full and a partial vector
+        (1, 1, 12, 9, 1),  # one pair, one query (a padded block); d = 12 < a vector
+        (1, 2, 48, 41, 17),  # 2 pairs split across threads; N not a multiple of 8
+        (1, 3, 72, 70, 33),  # 3 pairs split across threads; d = 24: a full and a partial vector
         (3, 2, 32, 23, 16),  # exactly one block of 16 queries per pair
         (2, 4, 256, 50, 50),  # d = 64, as DeiT's heads
     ],
