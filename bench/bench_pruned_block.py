@@ -8,10 +8,13 @@ Per block (N=197, DeiT-Ti/S/B widths), updating the first n of N tokens, per dty
   (a) prefix the same prefix maths from torch ops with SDPA (no probabilities)
   (b) gather the gather -> SDPA -> scatter formulation of token-pruning code
   (c) dense  the unpruned block
-Forward under no_grad, and forward+backward (ours and the reference). The result files
-record the machine's load average before and after: run it on a quiet machine.
+Forward under no_grad, and forward+backward (ours and the reference). With --isas, the
+in-place ops are also timed under each listed CPU ISA (PATCHSLIM_CPU_ISA), side by side.
+The result files record the machine's load average before and after: run it on a quiet
+machine.
 
     python bench/bench_pruned_block.py [--device cpu|cuda] [--dtypes float32 bfloat16]
+    python bench/bench_pruned_block.py --dtypes bfloat16 --isas avx512 avx512_bf16
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
 
@@ -101,6 +105,20 @@ FORWARD = {
 }
 
 
+@contextmanager
+def cpu_isa(isa: str):
+    """The kernels run with ``isa`` inside the block (the environment is read per call)."""
+    before = os.environ.get("PATCHSLIM_CPU_ISA")
+    os.environ["PATCHSLIM_CPU_ISA"] = isa
+    try:
+        yield
+    finally:
+        if before is None:
+            del os.environ["PATCHSLIM_CPU_ISA"]
+        else:
+            os.environ["PATCHSLIM_CPU_ISA"] = before
+
+
 def block_rows(args, device, dtype):
     rows, records = [], []
     gen = torch.Generator().manual_seed(0)
@@ -118,6 +136,11 @@ def block_rows(args, device, dtype):
                 times["gather"] = median_seconds(
                     partial(torch_gather, block, x, index), args.min_run_time
                 )
+                for isa in args.isas:
+                    with cpu_isa(isa):
+                        times[f"ours_{isa}"] = median_seconds(
+                            partial(ours_in_place, block, x, n), args.min_run_time
+                        )
             xg = x.detach().requires_grad_()
             for name in ("ours", "reference"):
                 times[f"{name}_bwd"] = median_seconds(
@@ -146,6 +169,7 @@ def block_rows(args, device, dtype):
                     f"{times['ours_bwd'] * 1e3:.1f}",
                     f"{times['reference_bwd'] * 1e3:.1f}",
                     f"{times['reference_bwd'] / times['ours_bwd']:.2f}x",
+                    *(f"{times[f'ours_{isa}'] * 1e3:.2f}" for isa in args.isas),
                 ]
             )
             print(" | ".join(rows[-1]), flush=True)
@@ -181,7 +205,12 @@ def main() -> None:
     )
     parser.add_argument("--ratios", type=float, nargs="+", default=[1.0, 0.5, 0.25])
     parser.add_argument("--min-run-time", type=float, default=1.0)
+    parser.add_argument(
+        "--isas", nargs="+", default=[], help="CPU ISAs to time the in-place ops under too"
+    )
     args = parser.parse_args()
+    if args.isas and args.device != "cpu":
+        parser.error("--isas is for --device cpu")
     cuda = args.device == "cuda"
     dtypes = args.dtypes or (["bfloat16"] if cuda else ["float32", "bfloat16"])
     args.batch = args.batch or (256 if cuda else 16)
@@ -199,10 +228,11 @@ def main() -> None:
     )
     for record in records:
         record["load_average_before"], record["load_average_after"] = load_before, load_after
-    table = markdown_table(HEADERS, rows)
+    table = markdown_table(HEADERS + [f"in place ms, {isa}" for isa in args.isas], rows)
     where = f"{args.device}, on {describe_machine(args.device)}"
     header = f"Pruned blocks (batch {args.batch}, N={TOKENS}), {where}; random weights; {load}"
-    path = save(f"pruned_block_{args.device}", records, table, header)
+    name = f"pruned_block_{args.device}" + "".join(f"_{isa}" for isa in args.isas)
+    path = save(name, records, table, header)
     print(f"\n{header}\n\n{table}\n\nsaved {path} and .json")
 
 

@@ -57,7 +57,7 @@ def cpu_isas() -> list[str]:
     """The CPU ISA paths this machine can run, narrowest first."""
     from patchslim_ext import _C
 
-    order = ["scalar", "avx2", "avx512"]
+    order = ["scalar", "avx2", "avx512", "avx512_bf16"]
     return order[: order.index(_C.detected_cpu_isa()) + 1]
 
 

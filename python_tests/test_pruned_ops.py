@@ -399,19 +399,28 @@ def test_ops_match_their_references(device, dtype, tokens, n_keep):
         (1, 3, 72, 70, 33),  # 3 pairs split across threads; d = 24: a full and a partial vector
         (3, 2, 32, 23, 16),  # exactly one block of 16 queries per pair
         (2, 4, 256, 50, 50),  # d = 64, as DeiT's heads
+        (1, 3, 15, 20, 10),  # d = 5: odd, so bfloat16 on avx512_bf16 takes the fp32 kernel
     ],
 )
 def test_fused_attention_every_shape_and_isa(batch, heads, channels, tokens, n_keep, cpu_isa_env):
-    """The CPU attention kernel holds queries across vector lanes and keys in blocks of
-    8: partial query blocks, key tails, head dims that are not a whole vector and
+    """The CPU attention kernel holds queries across vector lanes and keys in blocks:
+    partial query blocks, key tails, head dims that are not a whole vector and
     splits of one pair's queries over threads, in every ISA, with and without the
-    probabilities (pruned_msa, pruned_msa_), against the reference in float64."""
+    probabilities (pruned_msa, pruned_msa_), against the reference in float64; and in
+    bfloat16 (on avx512_bf16 without probabilities, the bf16-pair kernel: odd N, keys
+    not a multiple of 16, blocks of at most 8 and of more query rows) within twice
+    plain torch's error."""
     x, msa, _ = _block_inputs(
         torch.float64, tokens=tokens, channels=channels, hidden=8, seed=tokens, batch=batch
     )
     want = _pruned_msa_reference(x, n_keep, heads, *msa, EPS)
     want_in_place = x.clone()
     _pruned_msa_inplace_reference(want_in_place, n_keep, heads, *msa, EPS)
+    low, low_msa = x.bfloat16(), [t.bfloat16() for t in msa]
+    want_low = low.float()
+    _pruned_msa_inplace_reference(want_low, n_keep, heads, *(t.float() for t in low_msa), EPS)
+    plain_low = low.clone()
+    _pruned_msa_inplace_reference(plain_low, n_keep, heads, *low_msa, EPS)
     for isa in cpu_isas():
         cpu_isa_env(isa)
         got = torch.ops.patchslim.pruned_msa(x, n_keep, heads, *msa, EPS)
@@ -419,6 +428,11 @@ def test_fused_attention_every_shape_and_isa(batch, heads, channels, tokens, n_k
         got_in_place = x.clone()
         torch.ops.patchslim.pruned_msa_(got_in_place, n_keep, heads, *msa, EPS)
         _assert_all_close([got_in_place], [want_in_place], torch.float64, f"{isa} msa_")
+        got_low = low.clone()
+        torch.ops.patchslim.pruned_msa_(got_low, n_keep, heads, *low_msa, EPS)
+        _assert_within_twice_plain_torch(
+            [got_low[:, :n_keep]], [plain_low[:, :n_keep]], [want_low[:, :n_keep]], f"{isa} bf16"
+        )
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])

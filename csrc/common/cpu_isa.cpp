@@ -13,6 +13,8 @@ const char* cpu_isa_name(CpuIsa isa) {
       return "avx2";
     case CpuIsa::kAvx512:
       return "avx512";
+    case CpuIsa::kAvx512Bf16:
+      return "avx512_bf16";
   }
   return "unknown";
 }
@@ -26,7 +28,7 @@ CpuIsa probe_cpu_isa() {
   // registers reports no support.
   if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
       __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512dq")) {
-    return CpuIsa::kAvx512;
+    return __builtin_cpu_supports("avx512bf16") ? CpuIsa::kAvx512Bf16 : CpuIsa::kAvx512;
   }
   if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) {
     return CpuIsa::kAvx2;
@@ -56,9 +58,12 @@ CpuIsa active_cpu_isa() {
     wanted = CpuIsa::kAvx2;
   } else if (name == "avx512") {
     wanted = CpuIsa::kAvx512;
+  } else if (name == "avx512_bf16") {
+    wanted = CpuIsa::kAvx512Bf16;
   } else {
     throw std::invalid_argument(
-        "PATCHSLIM_CPU_ISA must be one of scalar, avx2, avx512; got '" + name + "'");
+        "PATCHSLIM_CPU_ISA must be one of scalar, avx2, avx512, avx512_bf16; got '" + name +
+        "'");
   }
   if (static_cast<int>(wanted) > static_cast<int>(best)) {
     throw std::invalid_argument(

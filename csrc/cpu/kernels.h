@@ -5,6 +5,7 @@
 // torch headers, so no inline function compiled for AVX-512 can be merged into
 // code that runs on a CPU without it.
 
+#include <algorithm>
 #include <cstdint>
 
 #include "common/cpu_isa.h"
@@ -131,11 +132,22 @@ struct BiasResidualArgs {
   int64_t cols;
 };
 
-// Elements of the accumulation type the fused attention kernel needs per thread: K and
-// V staged (2·keys·dim) and one block of at most kAttentionLanes queries.
+// Floats of scratch per thread for the attention kernel (block_rows.h): K and V staged
+// in the accumulation type (2·keys·dim), one block of at most kAttentionLanes queries
+// (dim·lanes), its scores (keys·lanes) and 1/Σ (lanes); or, for the bf16-pair kernel,
+// 32-bit words: K (dim/2 × keys rounded up to the lanes), V (keys/2 rounded up × dim
+// rounded up to the lanes), P (keys/2 rounded up × lanes), Q (dim/2 × lanes), and the
+// scores of the padded keys.
 constexpr int64_t kAttentionLanes = 16;
 constexpr int64_t attention_scratch_size(int64_t dim, int64_t keys) {
-  return 2 * keys * dim + kAttentionLanes * (dim + keys + 1);
+  constexpr int64_t L = kAttentionLanes;
+  const int64_t staged = 2 * keys * dim + L * (dim + keys + 1);
+  const int64_t padded_keys = (keys + L - 1) / L * L;
+  const int64_t key_pairs = (keys + 1) / 2;
+  const int64_t padded_dim = (dim + L - 1) / L * L;
+  const int64_t pairs = dim / 2 * padded_keys + key_pairs * (padded_dim + L) +
+                        L * (dim / 2 + padded_keys + 1);
+  return std::max(staged, pairs);
 }
 
 // Fused attention core: the n queries of each (image, head) pair against its N keys,
@@ -187,10 +199,16 @@ namespace avx512 {
 template <typename T>
 const CpuKernels<T>& kernels();
 }
+namespace avx512_bf16 {
+template <typename T>
+const CpuKernels<T>& kernels();
+}
 
 template <typename T>
 const CpuKernels<T>& kernels_for(CpuIsa isa) {
   switch (isa) {
+    case CpuIsa::kAvx512Bf16:
+      return avx512_bf16::kernels<T>();
     case CpuIsa::kAvx512:
       return avx512::kernels<T>();
     case CpuIsa::kAvx2:

@@ -135,8 +135,9 @@ __all__ = [
 
 
 def cpu_isa() -> str:
-    """The CPU instruction set the kernels run with now: ``"scalar"``, ``"avx2"`` or
-    ``"avx512"``. ``PATCHSLIM_CPU_ISA`` overrides the detected one (raises
+    """The CPU instruction set the kernels run with now: ``"scalar"``, ``"avx2"``,
+    ``"avx512"`` or ``"avx512_bf16"`` (AVX-512 with AVX512-BF16, which the bfloat16
+    attention kernel uses). ``PATCHSLIM_CPU_ISA`` overrides the detected one (raises
     ``ValueError`` if this CPU lacks the requested one)."""
     return _C.active_cpu_isa()
 

@@ -185,24 +185,214 @@ void attention_query_block(const AttentionArgs<T>& a, int64_t pair, int64_t firs
 
 // Tasks [begin, end): task = pair · query_splits + s takes the s-th range of one
 // (image, head) pair's queries, so that a few pairs (batch 1) still fill every thread.
+// fn(pair, first, last) runs each non-empty range; ranges are whole blocks of `lanes`.
+template <typename Fn>
+void for_each_attention_task(int64_t queries, int64_t query_splits, int64_t lanes, int64_t begin,
+                             int64_t end, Fn&& fn) {
+  const int64_t blocks = (queries + lanes - 1) / lanes;
+  const int64_t per_split = (blocks + query_splits - 1) / query_splits * lanes;
+  for (int64_t task = begin; task < end; ++task) {
+    const int64_t first = task % query_splits * per_split;
+    const int64_t last = std::min(queries, first + per_split);
+    if (first < last) fn(task / query_splits, first, last);
+  }
+}
+
+#if defined(PATCHSLIM_ISA_AVX512_BF16)
+// bfloat16 without probabilities, on CPUs with AVX512-BF16 (docs/design.md §10): the
+// same blocks of 16 queries across the lanes, but vdpbf16ps takes two bf16 products
+// per fp32 lane and instruction. Each 32-bit word holds a pair along the reduction:
+// for Q Kᵀ, (q[2t], q[2t+1]) of each query and (k[2t], k[2t+1]) of each key, the keys'
+// words staged pair-major (t, key) so that 16 keys are 16 fixed offsets from one
+// pointer; for P V, (p[j], p[j+1]) of each query, rounded to bf16 as flash attention
+// rounds P, and V staged as (v[j][c], v[j+1][c]) words. vdpbf16ps has a longer latency
+// than an FMA, so each loop keeps 16 independent sums. Sums stay in fp32; the scale
+// multiplies the fp32 logits, not the bf16 queries.
+struct Bf16PairScratch {
+  uint32_t* key_pairs;    // dim/2 × keys rounded up to 16, zero past the last key
+  uint32_t* value_pairs;  // keys/2 rounded up × dim rounded up to 16
+  uint32_t* prob_pairs;   // keys/2 rounded up × 16
+  uint32_t* query_pairs;  // dim/2 × 16
+  float* scores;          // keys rounded up to 16 × 16
+  float* inverse_sums;    // 16
+};
+
+inline uint32_t bf16_pair_at(const BFloat16Bits* p) {
+  uint32_t word;
+  std::memcpy(&word, p, sizeof word);
+  return word;
+}
+
+// The words (x[c], y[c]) for c in [0, count) of two bf16 rows (y null: zeros); zero
+// past count.
+inline __m512i bf16_pairs(const BFloat16Bits* x, const BFloat16Bits* y, int64_t count) {
+  const __mmask16 m = static_cast<__mmask16>((1u << count) - 1u);
+  const __m512i low = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, x));
+  if (y == nullptr) return low;
+  const __m512i high = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, y));
+  return _mm512_or_si512(low, _mm512_slli_epi32(high, 16));
+}
+
+// x rounded to bf16 (nearest even), each in the low half of a 32-bit word.
+inline __m512i bf16_words(__m512 x) {
+  const __m256bh rounded = _mm512_cvtneps_pbh(x);
+  return _mm512_cvtepu16_epi32(reinterpret_cast<const __m256i&>(rounded));
+}
+
+inline __m512 dot_pairs(__m512 acc, __m512i a, __m512i b) {
+  return _mm512_dpbf16_ps(acc, reinterpret_cast<__m512bh&>(a), reinterpret_cast<__m512bh&>(b));
+}
+
+// out rows [r0, r0 + count) of the block, count ≤ kRows: Σ_j p[r][j] v[j] / Σ_j p[r][j].
+template <int kRows>
+inline void attention_values_bf16_pairs(const AttentionArgs<BFloat16Bits>& a, int64_t pair,
+                                        int64_t first, int64_t r0, int64_t count,
+                                        const Bf16PairScratch& s) {
+  constexpr int64_t lanes = Vec<float>::size;
+  const int64_t d = a.dim;
+  const int64_t padded_dim = (d + lanes - 1) / lanes * lanes;
+  const int64_t key_pairs = (a.keys + 1) / 2;
+  const int64_t b = pair / a.heads;
+  const int64_t h = pair % a.heads;
+  for (int64_t c = 0; c < d; c += lanes) {
+    __m512 acc[kRows];
+    for (int r = 0; r < kRows; ++r) acc[r] = _mm512_setzero_ps();
+    const uint32_t* values = s.value_pairs + c;
+    const uint32_t* p = s.prob_pairs + r0;
+    for (int64_t kp = 0; kp < key_pairs; ++kp, values += padded_dim, p += lanes) {
+      const __m512i v = _mm512_loadu_si512(values);
+      for (int r = 0; r < kRows; ++r) {
+        acc[r] = dot_pairs(acc[r], _mm512_set1_epi32(static_cast<int>(p[r])), v);
+      }
+    }
+    const int64_t n = std::min(lanes, d - c);
+    for (int r = 0; r < kRows && r < count; ++r) {
+      const int64_t i = first + r0 + r;
+      BFloat16Bits* out = a.out + b * a.out_strides[0] + h * a.out_strides[1] + i * a.out_strides[2];
+      store_chunk(Vec<float>{acc[r]} * Vec<float>::broadcast(s.inverse_sums[r0 + r]), out + c, n);
+    }
+  }
+}
+
+inline void attention_query_block_bf16_pairs(const AttentionArgs<BFloat16Bits>& a, int64_t pair,
+                                             int64_t first, int64_t count,
+                                             const Bf16PairScratch& s) {
+  using V = Vec<float>;
+  constexpr int64_t lanes = V::size;
+  constexpr int kKeys = 16;
+  const int64_t N = a.keys;
+  const int64_t padded_keys = (N + kKeys - 1) / kKeys * kKeys;
+  const int64_t words = a.dim / 2;
+  const int64_t b = pair / a.heads;
+  const int64_t h = pair % a.heads;
+  for (int64_t r = 0; r < lanes; ++r) {
+    if (r >= count) {
+      for (int64_t t = 0; t < words; ++t) s.query_pairs[t * lanes + r] = 0u;
+      continue;
+    }
+    const BFloat16Bits* q =
+        a.q + b * a.q_strides[0] + h * a.q_strides[1] + (first + r) * a.q_strides[2];
+    for (int64_t t = 0; t < words; ++t) s.query_pairs[t * lanes + r] = bf16_pair_at(q + 2 * t);
+  }
+  const __m512 scale = _mm512_set1_ps(a.scale);
+  for (int64_t j = 0; j < padded_keys; j += kKeys) {
+    __m512 acc[kKeys];
+    for (int k = 0; k < kKeys; ++k) acc[k] = _mm512_setzero_ps();
+    const uint32_t* key = s.key_pairs + j;
+    for (int64_t t = 0; t < words; ++t, key += padded_keys) {
+      const __m512i q = _mm512_loadu_si512(s.query_pairs + t * lanes);
+      for (int k = 0; k < kKeys; ++k) {
+        acc[k] = dot_pairs(acc[k], q, _mm512_set1_epi32(static_cast<int>(key[k])));
+      }
+    }
+    for (int k = 0; k < kKeys; ++k) {
+      _mm512_storeu_ps(s.scores + (j + k) * lanes, _mm512_mul_ps(acc[k], scale));
+    }
+  }
+  // Softmax over the keys, unnormalised, as words (p[j], p[j+1]) per query; the missing
+  // last key of an odd N has p = 0 (and V zero).
+  V best = V::broadcast(-std::numeric_limits<float>::infinity());
+  for (int64_t j = 0; j < N; ++j) best = best.max(V::load(s.scores + j * lanes));
+  V total = V::zero();
+  for (int64_t j = 0; j < N; j += 2) {
+    const V even = vexp(V::load(s.scores + j * lanes) - best);
+    const V odd = j + 1 < N ? vexp(V::load(s.scores + (j + 1) * lanes) - best) : V::zero();
+    total = total + even + odd;
+    _mm512_storeu_si512(s.prob_pairs + j / 2 * lanes,
+                        _mm512_or_si512(bf16_words(even.v), _mm512_slli_epi32(bf16_words(odd.v), 16)));
+  }
+  (V::broadcast(1.0f) / total).store(s.inverse_sums);
+  if (count > 8) {
+    attention_values_bf16_pairs<16>(a, pair, first, 0, count, s);
+  } else {
+    attention_values_bf16_pairs<8>(a, pair, first, 0, count, s);
+  }
+}
+
+inline void attention_heads_bf16_pairs(const AttentionArgs<BFloat16Bits>& a, int64_t begin,
+                                       int64_t end, float* scratch) {
+  constexpr int64_t lanes = Vec<float>::size;
+  const int64_t N = a.keys;
+  const int64_t d = a.dim;
+  const int64_t words = d / 2;
+  const int64_t padded_keys = (N + lanes - 1) / lanes * lanes;
+  const int64_t key_pairs = (N + 1) / 2;
+  const int64_t padded_dim = (d + lanes - 1) / lanes * lanes;
+  auto* scratch_words = reinterpret_cast<uint32_t*>(scratch);
+  Bf16PairScratch s{};
+  s.key_pairs = scratch_words;
+  s.value_pairs = s.key_pairs + words * padded_keys;
+  s.prob_pairs = s.value_pairs + key_pairs * padded_dim;
+  s.query_pairs = s.prob_pairs + key_pairs * lanes;
+  s.scores = reinterpret_cast<float*>(s.query_pairs + words * lanes);
+  s.inverse_sums = s.scores + padded_keys * lanes;
+  for_each_attention_task(a.queries, a.query_splits, lanes, begin, end,
+                          [&](int64_t pair, int64_t first, int64_t last) {
+    const int64_t b = pair / a.heads;
+    const int64_t h = pair % a.heads;
+    const BFloat16Bits* k = a.k + b * a.k_strides[0] + h * a.k_strides[1];
+    for (int64_t j = 0; j < padded_keys; ++j) {
+      for (int64_t t = 0; t < words; ++t) {
+        s.key_pairs[t * padded_keys + j] = j < N ? bf16_pair_at(k + j * a.k_strides[2] + 2 * t) : 0u;
+      }
+    }
+    const BFloat16Bits* v = a.v + b * a.v_strides[0] + h * a.v_strides[1];
+    for (int64_t kp = 0; kp < key_pairs; ++kp) {
+      const BFloat16Bits* even = v + 2 * kp * a.v_strides[2];
+      const BFloat16Bits* odd = 2 * kp + 1 < N ? even + a.v_strides[2] : nullptr;
+      for (int64_t c = 0; c < padded_dim; c += lanes) {
+        const int64_t n = std::max<int64_t>(0, std::min(lanes, d - c));
+        _mm512_storeu_si512(s.value_pairs + kp * padded_dim + c,
+                            bf16_pairs(even + c, odd == nullptr ? nullptr : odd + c, n));
+      }
+    }
+    for (int64_t i = first; i < last; i += lanes) {
+      attention_query_block_bf16_pairs(a, pair, i, std::min(lanes, last - i), s);
+    }
+  });
+}
+#endif
+
 template <typename T>
 void attention_heads(const AttentionArgs<T>& a, int64_t begin, int64_t end, acc_t<T>* scratch) {
   using A = acc_t<T>;
   constexpr int64_t lanes = Vec<A>::size;
   static_assert(lanes <= kAttentionLanes, "the scratch holds kAttentionLanes queries");
+#if defined(PATCHSLIM_ISA_AVX512_BF16)
+  if constexpr (std::is_same_v<T, BFloat16Bits>) {
+    if (a.probs == nullptr && a.dim % 2 == 0) {
+      attention_heads_bf16_pairs(a, begin, end, scratch);
+      return;
+    }
+  }
+#endif
   const int64_t N = a.keys;
   const int64_t d = a.dim;
   const AttentionScratch<T> s{scratch, scratch + N * d, scratch + 2 * N * d,
                               scratch + 2 * N * d + d * lanes,
                               scratch + 2 * N * d + d * lanes + N * lanes};
-  // Ranges of whole query blocks.
-  const int64_t blocks = (a.queries + lanes - 1) / lanes;
-  const int64_t per_split = (blocks + a.query_splits - 1) / a.query_splits * lanes;
-  for (int64_t task = begin; task < end; ++task) {
-    const int64_t pair = task / a.query_splits;
-    const int64_t first = task % a.query_splits * per_split;
-    const int64_t last = std::min(a.queries, first + per_split);
-    if (first >= last) continue;
+  for_each_attention_task(a.queries, a.query_splits, lanes, begin, end,
+                          [&](int64_t pair, int64_t first, int64_t last) {
     const int64_t b = pair / a.heads;
     const int64_t h = pair % a.heads;
     for (int64_t j = 0; j < N; ++j) {
@@ -216,5 +406,5 @@ void attention_heads(const AttentionArgs<T>& a, int64_t begin, int64_t end, acc_
     for (int64_t i = first; i < last; i += lanes) {
       attention_query_block(a, pair, i, std::min(lanes, last - i), s);
     }
-  }
+  });
 }
