@@ -93,6 +93,30 @@ def test_slimmed_model_matches_masked_reference(layout, dtype):
         assert _relative_error(logits, want_logits) <= tol
 
 
+class _Doubled(torch.nn.Module):
+    def forward(self, weight):
+        return 2 * weight
+
+
+def test_parametrized_weights_reach_the_ops():
+    """A block's arguments are read from the modules' parameter dicts where they are
+    registered there; a parametrized weight (a property, not a parameter) and a None
+    bias still go through getattr, so the slimmed model sees the effective weights."""
+    from torch.nn.utils import parametrize
+
+    config = LAYOUTS["t2t_attention"]  # no qkv bias
+    model = _model(config, torch.float64, seed=5)
+    block = model.blocks[1]
+    for linear in (block.attn.qkv, block.mlp.fc2):
+        parametrize.register_parametrization(linear, "weight", _Doubled())
+    plan = random_plan(config, seed=5)
+    images = torch.randn(2, 2, 16, 16, dtype=torch.float64)
+    with torch.no_grad():
+        want = masked_reference(model, plan, images)
+        got = model.set_plan(plan)(images)
+    assert _relative_error(got, want) <= 1e-10
+
+
 @pytest.mark.parametrize("layout", sorted(LAYOUTS))
 def test_keep_everything_plan_is_the_dense_model(layout):
     config = LAYOUTS[layout]

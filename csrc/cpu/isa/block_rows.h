@@ -243,11 +243,10 @@ inline __m512 dot_pairs(__m512 acc, __m512i a, __m512i b) {
   return _mm512_dpbf16_ps(acc, reinterpret_cast<__m512bh&>(a), reinterpret_cast<__m512bh&>(b));
 }
 
-// out rows [r0, r0 + count) of the block, count ≤ kRows: Σ_j p[r][j] v[j] / Σ_j p[r][j].
+// The block's output rows, count ≤ kRows: Σ_j p[r][j] v[j] / Σ_j p[r][j].
 template <int kRows>
 inline void attention_values_bf16_pairs(const AttentionArgs<BFloat16Bits>& a, int64_t pair,
-                                        int64_t first, int64_t r0, int64_t count,
-                                        const Bf16PairScratch& s) {
+                                        int64_t first, int64_t count, const Bf16PairScratch& s) {
   constexpr int64_t lanes = Vec<float>::size;
   const int64_t d = a.dim;
   const int64_t padded_dim = (d + lanes - 1) / lanes * lanes;
@@ -258,7 +257,7 @@ inline void attention_values_bf16_pairs(const AttentionArgs<BFloat16Bits>& a, in
     __m512 acc[kRows];
     for (int r = 0; r < kRows; ++r) acc[r] = _mm512_setzero_ps();
     const uint32_t* values = s.value_pairs + c;
-    const uint32_t* p = s.prob_pairs + r0;
+    const uint32_t* p = s.prob_pairs;
     for (int64_t kp = 0; kp < key_pairs; ++kp, values += padded_dim, p += lanes) {
       const __m512i v = _mm512_loadu_si512(values);
       for (int r = 0; r < kRows; ++r) {
@@ -267,9 +266,9 @@ inline void attention_values_bf16_pairs(const AttentionArgs<BFloat16Bits>& a, in
     }
     const int64_t n = std::min(lanes, d - c);
     for (int r = 0; r < kRows && r < count; ++r) {
-      const int64_t i = first + r0 + r;
+      const int64_t i = first + r;
       BFloat16Bits* out = a.out + b * a.out_strides[0] + h * a.out_strides[1] + i * a.out_strides[2];
-      store_chunk(Vec<float>{acc[r]} * Vec<float>::broadcast(s.inverse_sums[r0 + r]), out + c, n);
+      store_chunk(Vec<float>{acc[r]} * Vec<float>::broadcast(s.inverse_sums[r]), out + c, n);
     }
   }
 }
@@ -323,9 +322,9 @@ inline void attention_query_block_bf16_pairs(const AttentionArgs<BFloat16Bits>& 
   }
   (V::broadcast(1.0f) / total).store(s.inverse_sums);
   if (count > 8) {
-    attention_values_bf16_pairs<16>(a, pair, first, 0, count, s);
+    attention_values_bf16_pairs<16>(a, pair, first, count, s);
   } else {
-    attention_values_bf16_pairs<8>(a, pair, first, 0, count, s);
+    attention_values_bf16_pairs<8>(a, pair, first, count, s);
   }
 }
 
@@ -360,10 +359,10 @@ inline void attention_heads_bf16_pairs(const AttentionArgs<BFloat16Bits>& a, int
     for (int64_t kp = 0; kp < key_pairs; ++kp) {
       const BFloat16Bits* even = v + 2 * kp * a.v_strides[2];
       const BFloat16Bits* odd = 2 * kp + 1 < N ? even + a.v_strides[2] : nullptr;
-      for (int64_t c = 0; c < padded_dim; c += lanes) {
-        const int64_t n = std::max<int64_t>(0, std::min(lanes, d - c));
+      for (int64_t c = 0; c < d; c += lanes) {
         _mm512_storeu_si512(s.value_pairs + kp * padded_dim + c,
-                            bf16_pairs(even + c, odd == nullptr ? nullptr : odd + c, n));
+                            bf16_pairs(even + c, odd == nullptr ? nullptr : odd + c,
+                                       std::min(lanes, d - c)));
       }
     }
     for (int64_t i = first; i < last; i += lanes) {
