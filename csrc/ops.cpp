@@ -49,6 +49,13 @@ TORCH_LIBRARY(patchslim, m) {
       "pruned_msa_(Tensor(a!) x, SymInt n_keep, int num_heads, Tensor ln_weight, Tensor ln_bias,"
       " Tensor qkv_weight, Tensor? qkv_bias, Tensor proj_weight, Tensor proj_bias, float eps,"
       " float? scale=None) -> ()");
+  //   The updated rows alone (B, n_keep, C), without the probabilities or the activations
+  //   the backward reads (inference; not differentiable). torch.compile and torch.export
+  //   record pruned_msa_ as this op and a copy into x's prefix.
+  m.def(
+      "pruned_msa_inference(Tensor x, SymInt n_keep, int num_heads, Tensor ln_weight,"
+      " Tensor ln_bias, Tensor qkv_weight, Tensor? qkv_bias, Tensor proj_weight,"
+      " Tensor proj_bias, float eps, float? scale=None) -> Tensor");
   //   -> grads of x, ln_weight, ln_bias, qkv_weight, qkv_bias, proj_weight, proj_bias
   //   (without a qkv_bias, the (3C,) gradient a zero bias would get).
   m.def(
@@ -65,6 +72,10 @@ TORCH_LIBRARY(patchslim, m) {
   m.def(
       "pruned_mlp_(Tensor(a!) x, Tensor ln_weight, Tensor ln_bias, Tensor fc1_weight,"
       " Tensor fc1_bias, Tensor fc2_weight, Tensor fc2_bias, float eps) -> ()");
+  //   The first output of pruned_mlp alone (inference; what pruned_mlp_ is recorded as).
+  m.def(
+      "pruned_mlp_inference(Tensor x, Tensor ln_weight, Tensor ln_bias, Tensor fc1_weight,"
+      " Tensor fc1_bias, Tensor fc2_weight, Tensor fc2_bias, float eps) -> Tensor");
   //   -> grads of x, ln_weight, ln_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias.
   m.def(
       "pruned_mlp_backward(Tensor grad_out, Tensor x, Tensor ln_weight, Tensor ln_bias,"

@@ -91,9 +91,10 @@ OP_HANDLES = {
     "aten::scaled_dot_product_attention": _sdpa_flops,
     "patchslim::prefix_layer_norm": _prefix_layer_norm_flops,
     "patchslim::pruned_msa": _pruned_msa_flops,
-    "patchslim::pruned_msa_": _pruned_msa_flops,
     "patchslim::pruned_mlp": _pruned_mlp_flops,
-    "patchslim::pruned_mlp_": _pruned_mlp_flops,
+    # The in-place ops, as the tracer records them.
+    "patchslim::pruned_msa_inference": _pruned_msa_flops,
+    "patchslim::pruned_mlp_inference": _pruned_mlp_flops,
 }
 
 

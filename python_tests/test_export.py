@@ -117,5 +117,6 @@ def test_the_torchscript_exporter_never_drops_blocks(grad, tmp_path):
             assert "patchslim" in str(error)
             return
     ops = [node.op_type for node in onnx.load(str(path)).graph.node]
-    kept_blocks = ops.count("pruned_msa") + ops.count("pruned_msa_")
+    # With grad, the functional op; without, the in-place op as the tracer records it.
+    kept_blocks = ops.count("pruned_msa") + ops.count("pruned_msa_inference")
     assert kept_blocks == model.config.depth, ops

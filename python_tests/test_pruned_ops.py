@@ -15,9 +15,11 @@ from patchslim_ext.ops.pruned_block import (
     _MLP_PARAMS,
     _MSA_PARAMS,
     _pruned_mlp_backward_reference,
+    _pruned_mlp_inference_reference,
     _pruned_mlp_inplace_reference,
     _pruned_mlp_reference,
     _pruned_msa_backward_reference,
+    _pruned_msa_inference_reference,
     _pruned_msa_inplace_reference,
     _pruned_msa_reference,
 )
@@ -79,6 +81,8 @@ def test_opcheck(device):
     )
     torch.library.opcheck(ops.pruned_msa_.default, (x.clone(), 4, 3, *msa, 1e-6))
     torch.library.opcheck(ops.pruned_mlp_.default, (x.clone(), *mlp, 1e-6))
+    torch.library.opcheck(ops.pruned_msa_inference.default, (x, 4, 3, *msa, 1e-6))
+    torch.library.opcheck(ops.pruned_mlp_inference.default, (x, *mlp, 1e-6))
     out, attn, q, kv, context = ops.pruned_msa(x, 4, 3, *msa, 1e-6)
     for grad_attn in (None, torch.randn_like(attn)):
         torch.library.opcheck(
@@ -247,6 +251,7 @@ def test_opcheck_msa_without_bias_and_custom_scale(device):
         grad_x = x.clone().requires_grad_()
         torch.library.opcheck(ops.pruned_msa.default, (grad_x, 4, 3, *grad_params, EPS, scale))
         torch.library.opcheck(ops.pruned_msa_.default, (x.clone(), 4, 3, *params, EPS, scale))
+        torch.library.opcheck(ops.pruned_msa_inference.default, (x, 4, 3, *params, EPS, scale))
         out, attn, q, kv, context = ops.pruned_msa(x, 4, 3, *params, EPS, scale)
         torch.library.opcheck(
             ops.pruned_msa_backward.default,
@@ -372,6 +377,12 @@ def test_ops_match_their_references(device, dtype, tokens, n_keep):
         ops.pruned_msa_(ours, n_keep, 3, *params, EPS, scale)
         _pruned_msa_inplace_reference(ref, n_keep, 3, *params, EPS, scale)
         _assert_all_close([ours], [ref], dtype, "msa_")
+        _assert_all_close(
+            [ops.pruned_msa_inference(x, n_keep, 3, *params, EPS, scale)],
+            [_pruned_msa_inference_reference(x, n_keep, 3, *params, EPS, scale)],
+            dtype,
+            "msa_inference",
+        )
         out, attn, q, kv, context = msa_out
         for grad_attn in (None, torch.randn_like(attn)):
             args = (torch.randn_like(out), grad_attn, x, n_keep, 3, *params, EPS)
@@ -385,6 +396,12 @@ def test_ops_match_their_references(device, dtype, tokens, n_keep):
     ops.pruned_mlp_(ours, *mlp, EPS)
     _pruned_mlp_inplace_reference(ref, *mlp, EPS)
     _assert_all_close([ours], [ref], dtype, "mlp_")
+    _assert_all_close(
+        [ops.pruned_mlp_inference(kept, *mlp, EPS)],
+        [_pruned_mlp_inference_reference(kept, *mlp, EPS)],
+        dtype,
+        "mlp_inference",
+    )
     grad_out = torch.randn_like(kept)
     got = ops.pruned_mlp_backward(grad_out, kept, *mlp, EPS, mlp_out[1])
     want = _pruned_mlp_backward_reference(grad_out, kept, *mlp, EPS, mlp_out[1])
@@ -568,6 +585,24 @@ def test_in_place_ops_are_not_differentiable(op):
         _IN_PLACE[op](x.clone(), params, params)
 
 
+@pytest.mark.parametrize("op", ["pruned_msa_inference", "pruned_mlp_inference"])
+def test_inference_ops_are_not_differentiable(op):
+    """They return no activations for a backward: an input that requires grad is refused
+    under grad mode, naming the op, the argument and the differentiable op."""
+    x, msa, mlp = _block_inputs(torch.float32)
+    args = (4, 3, *msa, EPS) if op == "pruned_msa_inference" else (*mlp, EPS)
+    call = getattr(torch.ops.patchslim, op)
+    with pytest.raises(
+        RuntimeError,
+        match=f"{op}: x requires grad, but the op is not .* use "
+        f"{op.removesuffix('_inference')}, which is",
+    ):
+        call(x.clone().requires_grad_(), *args)
+    with torch.no_grad():
+        out = call(x.clone().requires_grad_(), *args)
+    assert not out.requires_grad
+
+
 @pytest.mark.parametrize("op", _IN_PLACE)
 def test_in_place_ops_bump_the_version_counter(op):
     """A backward through a tensor saved before the overwrite raises, as after x.mul_(2)."""
@@ -694,6 +729,12 @@ def test_low_precision_within_twice_plain_torch(dtype, cpu_isa_env):
             _assert_within_twice_plain_torch(
                 [updated[:, :13]], [plain[:, :13]], want[:1], f"{isa} msa_"
             )
+            _assert_within_twice_plain_torch(
+                [torch.ops.patchslim.pruned_msa_inference(*args)],
+                [_pruned_msa_inference_reference(*args)],
+                want[:1],
+                f"{isa} msa_inference",
+            )
         kept = x[:, :13]
         want = _pruned_mlp_reference(kept.float(), *(t.float() for t in mlp), EPS)
         ours = torch.ops.patchslim.pruned_mlp(kept, *mlp, EPS)
@@ -796,6 +837,8 @@ def test_opcheck_bfloat16_cpu():
     )
     torch.library.opcheck(ops.pruned_msa_.default, (x.clone(), 4, 3, *msa, EPS))
     torch.library.opcheck(ops.pruned_mlp_.default, (x.clone(), *mlp, EPS))
+    torch.library.opcheck(ops.pruned_msa_inference.default, (x, 4, 3, *msa, EPS))
+    torch.library.opcheck(ops.pruned_mlp_inference.default, (x, *mlp, EPS))
     torch.library.opcheck(
         ops.prefix_layer_norm.default, (x.clone().requires_grad_(), 3, msa[0], msa[1], EPS)
     )

@@ -1,6 +1,6 @@
 // Autocast kernels of the patchslim ops, for CPU and CUDA: inputs are cast once, here,
 // and the op runs below autocast (as torchvision's csrc/ops/autocast does).
-//   - the block ops run in the autocast dtype (their GEMMs are what autocast speeds up;
+//   - the block ops (and their inference forms) run in the autocast dtype (their GEMMs are what autocast speeds up;
 //     the row kernels accumulate in float32);
 //   - the in-place ops keep x's dtype (a cast copy of x would take the write) and cast
 //     the parameters to it;
@@ -36,7 +36,8 @@ void autocast_kernel(const c10::OperatorHandle& op, c10::DispatchKeySet /*keys*/
 
 template <c10::DeviceType device>
 void register_autocast(torch::Library& m) {
-  for (const char* name : {"pruned_msa", "pruned_mlp"}) {
+  for (const char* name :
+       {"pruned_msa", "pruned_mlp", "pruned_msa_inference", "pruned_mlp_inference"}) {
     m.impl(name, torch::CppFunction::makeFromBoxedFunction<
                      &autocast_kernel<device, Cast::kAutocastDtype>>());
   }

@@ -277,6 +277,17 @@ void pruned_msa_(const at::Tensor& x, int64_t n_keep, int64_t num_heads, const M
   Backend::bias_residual_(x.narrow(1, 0, n_keep), p.proj_bias, f.projected);
 }
 
+// pruned_msa's first output alone: no probabilities, Q, K|V or context kept.
+template <typename Backend>
+at::Tensor pruned_msa_inference(const at::Tensor& x, int64_t n_keep, int64_t num_heads,
+                                const MsaParams& p, double eps, std::optional<double> scale) {
+  check_msa(x, n_keep, num_heads, p, "pruned_msa_inference");
+  Backend::check_dtype(x, "pruned_msa_inference");
+  const auto f = msa_core<Backend>(x, n_keep, num_heads, p, eps, scale, /*want_probs=*/false);
+  Backend::bias_residual_(f.projected, p.proj_bias, x.narrow(1, 0, n_keep));
+  return f.projected;
+}
+
 template <typename Backend>
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
 pruned_msa_backward(const at::Tensor& grad_out_arg, const std::optional<at::Tensor>& grad_probs,
@@ -370,6 +381,16 @@ void pruned_mlp_(const at::Tensor& x, const MlpParams& p, double eps) {
   Backend::bias_residual_(x, p.fc2_bias, out);
 }
 
+// pruned_mlp's first output alone (FC1's pre-activation not kept).
+template <typename Backend>
+at::Tensor pruned_mlp_inference(const at::Tensor& x, const MlpParams& p, double eps) {
+  check_mlp(x, p, "pruned_mlp_inference");
+  Backend::check_dtype(x, "pruned_mlp_inference");
+  auto out = std::get<0>(mlp_core<Backend>(x, p, eps, /*keep_pre=*/false));
+  Backend::bias_residual_(out, p.fc2_bias, x);
+  return out;
+}
+
 template <typename Backend>
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
 pruned_mlp_backward(const at::Tensor& grad_out_arg, const at::Tensor& x, const MlpParams& p,
@@ -420,6 +441,14 @@ struct Ops {
                    const at::Tensor& proj_b, double eps, std::optional<double> scale) {
     pruned_msa_<Backend>(x, n_keep, heads, {ln_w, ln_b, qkv_w, qkv_b, proj_w, proj_b}, eps, scale);
   }
+  static at::Tensor msa_inference(const at::Tensor& x, int64_t n_keep, int64_t heads,
+                                  const at::Tensor& ln_w, const at::Tensor& ln_b,
+                                  const at::Tensor& qkv_w, const std::optional<at::Tensor>& qkv_b,
+                                  const at::Tensor& proj_w, const at::Tensor& proj_b, double eps,
+                                  std::optional<double> scale) {
+    return pruned_msa_inference<Backend>(x, n_keep, heads,
+                                         {ln_w, ln_b, qkv_w, qkv_b, proj_w, proj_b}, eps, scale);
+  }
   static Grads7 msa_backward(const at::Tensor& grad_out, const std::optional<at::Tensor>& grad_attn,
                              const at::Tensor& x, int64_t n_keep, int64_t heads,
                              const at::Tensor& ln_w, const at::Tensor& ln_b, const at::Tensor& qkv_w,
@@ -442,6 +471,12 @@ struct Ops {
                    const at::Tensor& fc2_b, double eps) {
     pruned_mlp_<Backend>(x, {ln_w, ln_b, fc1_w, fc1_b, fc2_w, fc2_b}, eps);
   }
+  static at::Tensor mlp_inference(const at::Tensor& x, const at::Tensor& ln_w,
+                                  const at::Tensor& ln_b, const at::Tensor& fc1_w,
+                                  const at::Tensor& fc1_b, const at::Tensor& fc2_w,
+                                  const at::Tensor& fc2_b, double eps) {
+    return pruned_mlp_inference<Backend>(x, {ln_w, ln_b, fc1_w, fc1_b, fc2_w, fc2_b}, eps);
+  }
   static Grads7 mlp_backward(const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& ln_w,
                              const at::Tensor& ln_b, const at::Tensor& fc1_w,
                              const at::Tensor& fc1_b, const at::Tensor& fc2_w,
@@ -453,9 +488,11 @@ struct Ops {
   static void register_kernels(torch::Library& m) {
     m.impl("pruned_msa", &msa);
     m.impl("pruned_msa_", &msa_);
+    m.impl("pruned_msa_inference", &msa_inference);
     m.impl("pruned_msa_backward", &msa_backward);
     m.impl("pruned_mlp", &mlp);
     m.impl("pruned_mlp_", &mlp_);
+    m.impl("pruned_mlp_inference", &mlp_inference);
     m.impl("pruned_mlp_backward", &mlp_backward);
   }
 };

@@ -66,7 +66,12 @@ Tensor context)``
 
 ``patchslim::pruned_msa_(Tensor(a!) x, …, float eps, float? scale=None) -> ()``: the same,
 written into ``x[:, :n_keep]``; the same attention kernel, which then writes no
-probabilities.
+probabilities (in bfloat16 on CPUs with AVX512-BF16, its bf16-pair variant).
+
+``patchslim::pruned_msa_inference(Tensor x, …, float eps, float? scale=None) -> Tensor``:
+``out`` alone, without the probabilities and saved activations; not differentiable (an
+input that requires grad is refused under grad mode). What ``torch.compile`` and
+``torch.export`` record ``pruned_msa_`` as, with a copy into ``x``'s prefix.
 
 ``patchslim::pruned_msa_backward(Tensor grad_out, Tensor? grad_attn, Tensor x, …,
 Tensor attn, Tensor q, Tensor kv, Tensor context, float? scale=None) -> (grad_x,
@@ -83,16 +88,19 @@ Tensor fc1_bias, Tensor fc2_weight, Tensor fc2_bias, float eps) -> (Tensor out, 
 
 ``patchslim::pruned_mlp_(Tensor(a!) x, …) -> ()``: the same, in place.
 
+``patchslim::pruned_mlp_inference(Tensor x, …) -> Tensor``: ``out`` alone (``pre`` not
+kept), not differentiable; what ``pruned_mlp_`` is recorded as.
+
 ``patchslim::pruned_mlp_backward(Tensor grad_out, Tensor x, …, Tensor pre) -> (grad_x,
 grad_ln_weight, grad_ln_bias, grad_fc1_weight, grad_fc1_bias, grad_fc2_weight, grad_fc2_bias)``
 
-Autocast (CPU and CUDA): the functional block ops run in the autocast dtype, their
-inputs cast once (residual included: the result is in the autocast dtype); the in-place
-ops keep ``x``'s dtype and cast the parameters to it; ``prefix_layer_norm`` and the
-scoring ops run in float32 (as autocast runs ``layer_norm``; the chain multiplies many
-maps). The in-place ops refuse inputs that require grad under grad mode (a leaf with
-torch's own message), bump ``x``'s version counter, and refuse an ``x`` whose elements
-overlap or parameters that share its memory.
+Autocast (CPU and CUDA): the functional block ops (and the inference ops) run in the
+autocast dtype, their inputs cast once (residual included: the result is in the
+autocast dtype); the in-place ops keep ``x``'s dtype and cast the parameters to it;
+``prefix_layer_norm`` and the scoring ops run in float32 (as autocast runs
+``layer_norm``; the chain multiplies many maps). The in-place ops refuse inputs that
+require grad under grad mode (a leaf with torch's own message), bump ``x``'s version
+counter, and refuse an ``x`` whose elements overlap or parameters that share its memory.
 
 References and export. Beside every op, in its Python module, is a reference in standard
 torch ops (``_pruned_msa_reference`` next to ``pruned_msa``, …); the references of the
@@ -103,7 +111,7 @@ functional ops are registered as their decompositions, so that
 
 leaves no ``patchslim::`` node, and ``torch.onnx.export(module, args, dynamo=True)``
 (whose table includes registered decompositions) writes standard ONNX ops. Under
-functionalization and the TorchScript tracer the in-place ops are the functional op
+functionalization and the TorchScript tracer the in-place ops are their inference op
 plus a copy into ``x``'s prefix, so they export the same way; the TorchScript ONNX
 exporter (``dynamo=False``) stops at the first ``patchslim::`` op with an
 ``UnsupportedOperatorError`` naming it.

@@ -7,8 +7,9 @@ Besides their results, the forward ops return the activations their backward rea
 Each op has a reference in standard torch ops beside it (``_pruned_msa_reference``,
 …); the functional ones are registered as decompositions (for ``run_decompositions``
 and the ONNX exporter). Under functionalization (``torch.export``, ``torch.compile``)
-and the TorchScript tracer the in-place ops become the functional op and a copy into
-x's prefix, which those tools record with ops they know.
+and the TorchScript tracer the in-place ops become their inference op (the updated rows,
+without the probabilities and saved activations) and a copy into x's prefix, which
+those tools record with ops they know.
 """
 
 from __future__ import annotations
@@ -46,6 +47,12 @@ def _pruned_msa_inplace_fake(x, n_keep, num_heads, *params_and_eps):
     _check_x(x, n_keep, num_heads)
 
 
+@torch.library.register_fake("patchslim::pruned_msa_inference")
+def _pruned_msa_inference_fake(x, n_keep, num_heads, *params_and_eps):
+    _check_x(x, n_keep, num_heads)
+    return x.new_empty(x.shape[0], n_keep, x.shape[2])
+
+
 @torch.library.register_fake("patchslim::pruned_msa_backward")
 def _pruned_msa_backward_fake(grad_out, grad_attn, x, n_keep, num_heads, *rest):
     ln_weight, ln_bias, qkv_weight, _qkv_bias, proj_weight, proj_bias = rest[: len(_MSA_PARAMS)]
@@ -74,6 +81,12 @@ def _pruned_mlp_fake(x, ln_weight, ln_bias, fc1_weight, *rest):
 @torch.library.register_fake("patchslim::pruned_mlp_")
 def _pruned_mlp_inplace_fake(x, *params_and_eps):
     torch._check(x.dim() == 3, lambda: f"x must have shape (B, n, C), got {tuple(x.shape)}")
+
+
+@torch.library.register_fake("patchslim::pruned_mlp_inference")
+def _pruned_mlp_inference_fake(x, *params_and_eps):
+    torch._check(x.dim() == 3, lambda: f"x must have shape (B, n, C), got {tuple(x.shape)}")
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
 
 
 @torch.library.register_fake("patchslim::pruned_mlp_backward")
@@ -207,6 +220,16 @@ def _pruned_mlp_reference(
     return x + F.linear(F.gelu(pre + fc1_bias), fc2_weight, fc2_bias), pre
 
 
+def _pruned_msa_inference_reference(x: Tensor, *args) -> Tensor:
+    """``patchslim::pruned_msa_inference``: the reference's first output."""
+    return _pruned_msa_reference(x, *args)[0]
+
+
+def _pruned_mlp_inference_reference(x: Tensor, *args) -> Tensor:
+    """``patchslim::pruned_mlp_inference``: the reference's first output."""
+    return _pruned_mlp_reference(x, *args)[0]
+
+
 def _pruned_msa_inplace_reference(
     x: Tensor,
     n_keep: int,
@@ -232,7 +255,7 @@ def _pruned_msa_inplace_reference(
 
 def _pruned_mlp_inplace_reference(x: Tensor, *args) -> None:
     """``patchslim::pruned_mlp_``: the reference written into ``x``."""
-    x.copy_(_pruned_mlp_reference(x, *args)[0])
+    x.copy_(_pruned_mlp_inference_reference(x, *args))
 
 
 def _pruned_msa_backward_reference(
@@ -293,23 +316,31 @@ def _pruned_mlp_backward_reference(
 
 register_decomposition(torch.ops.patchslim.pruned_msa.default)(_pruned_msa_reference)
 register_decomposition(torch.ops.patchslim.pruned_mlp.default)(_pruned_mlp_reference)
+register_decomposition(torch.ops.patchslim.pruned_msa_inference.default)(
+    _pruned_msa_inference_reference
+)
+register_decomposition(torch.ops.patchslim.pruned_mlp_inference.default)(
+    _pruned_mlp_inference_reference
+)
 
 
-def _msa_via_functional_op(x: Tensor, n_keep: int, *args) -> None:
-    x[:, :n_keep] = torch.ops.patchslim.pruned_msa(x, n_keep, *args)[0]
+def _msa_via_inference_op(x: Tensor, n_keep: int, *args) -> None:
+    x[:, :n_keep] = torch.ops.patchslim.pruned_msa_inference(x, n_keep, *args)
 
 
-def _mlp_via_functional_op(x: Tensor, *args) -> None:
-    x.copy_(torch.ops.patchslim.pruned_mlp(x, *args)[0])
+def _mlp_via_inference_op(x: Tensor, *args) -> None:
+    x.copy_(torch.ops.patchslim.pruned_mlp_inference(x, *args))
 
 
 # Functionalization would otherwise wrap the in-place ops in auto_functionalized, which
 # no decomposition reaches, and the TorchScript tracer would record a node with no
-# outputs, which the ONNX exporter (dynamo=False) drops without a word.
+# outputs, which the ONNX exporter (dynamo=False) drops without a word. The inference
+# ops, not the functional ones, so that a compiled model runs what eager runs in place
+# (no probabilities, no saved activations; the bf16-pair attention kernel).
 _LIB = torch.library.Library("patchslim", "IMPL")
 for _key in ("Functionalize", "Tracer"):
-    _LIB.impl("pruned_msa_", _msa_via_functional_op, _key)
-    _LIB.impl("pruned_mlp_", _mlp_via_functional_op, _key)
+    _LIB.impl("pruned_msa_", _msa_via_inference_op, _key)
+    _LIB.impl("pruned_mlp_", _mlp_via_inference_op, _key)
 
 
 def pruned_msa(
