@@ -1,8 +1,9 @@
 """Export a dense or slimmed model to ONNX: standard operators, the plan baked in.
 
 ``torch.onnx.export(..., dynamo=True)`` traces the model through ``torch.export``; every
-patchslim op has its reference in standard torch ops registered as its decomposition
-(:func:`patchslim_ext.ops.decompositions`), so the file holds only standard ONNX
+patchslim op has its reference in standard torch ops as its decomposition, registered
+while the exporter runs (:func:`patchslim_ext.ops.registered_decompositions`), so the
+file holds only standard ONNX
 operators and runs without our compiled library (ONNX Runtime, TensorRT). The plan is
 static: the token permutation is one Gather, and each block updates a prefix of the
 tokens through slices and a concatenation.
@@ -22,6 +23,7 @@ import torch
 from torch import nn
 
 from patchslim_ext.files import atomic_write
+from patchslim_ext.ops import registered_decompositions
 from patchslim_ext.pruning import PrunableViT
 from patchslim_ext.settings import ONNX_DTYPE_NAMES
 
@@ -66,7 +68,7 @@ def export_onnx(
     dynamic_shapes = {"images": {0: torch.export.Dim("batch")}} if dynamic_batch else None
     # With autograd on, the slimmed blocks concatenate kept and passed-through rows
     # instead of writing into a buffer in place, which ONNX would express as a scatter.
-    with torch.enable_grad(), _quiet("onnxscript"):
+    with torch.enable_grad(), _quiet("onnxscript"), registered_decompositions():
         program = torch.onnx.export(
             model,
             (images,),

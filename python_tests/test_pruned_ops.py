@@ -539,7 +539,7 @@ def test_onnx_export_runs_in_onnxruntime(grad, tmp_path):
     x, msa, mlp = _block_inputs(torch.float32, tokens=9, channels=24, hidden=30)
     module = _Block(msa, mlp).eval()
     batch = torch.export.Dim("batch", min=1, max=64)
-    with torch.set_grad_enabled(grad):
+    with torch.set_grad_enabled(grad), ps_ops.registered_decompositions():
         program = torch.onnx.export(
             module, (x,), dynamic_shapes={"x": {0: batch}}, dynamo=True, verbose=False
         )

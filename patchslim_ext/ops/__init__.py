@@ -104,13 +104,19 @@ counter, and refuse an ``x`` whose elements overlap or parameters that share its
 
 References and export. Beside every op, in its Python module, is a reference in standard
 torch ops (``_pruned_msa_reference`` next to ``pruned_msa``, …); the references of the
-functional ops are registered as their decompositions, so that
+functional ops are their decompositions, in a table of our own, so that
 
     ep = torch.export.export(module, args)
     ep = ep.run_decompositions(patchslim_ext.ops.decompositions())
 
-leaves no ``patchslim::`` node, and ``torch.onnx.export(module, args, dynamo=True)``
-(whose table includes registered decompositions) writes standard ONNX ops. Under
+leaves no ``patchslim::`` node, and
+
+    with patchslim_ext.ops.registered_decompositions():
+        torch.onnx.export(module, args, dynamo=True)
+
+writes standard ONNX ops (the ONNX exporter reads torch's global decomposition table,
+where they are only while it runs: inductor refuses to call the kernel of an op that has
+a decomposition there when the environment variable ``CI`` is set). Under
 functionalization and the TorchScript tracer the in-place ops are their inference op
 plus a copy into ``x``'s prefix, so they export the same way; the TorchScript ONNX
 exporter (``dynamo=False``) stops at the first ``patchslim::`` op with an
@@ -120,6 +126,7 @@ exporter (``dynamo=False``) stops at the first ``patchslim::`` op with an
 import torch  # loads libtorch before the extension that links it
 
 from patchslim_ext import _C
+from patchslim_ext.ops._decompositions import DECOMPOSITIONS, registered_decompositions
 from patchslim_ext.ops.layer_norm import prefix_layer_norm
 from patchslim_ext.ops.pruned_block import pruned_mlp, pruned_msa
 from patchslim_ext.ops.scoring import (
@@ -136,6 +143,7 @@ __all__ = [
     "prefix_layer_norm",
     "pruned_mlp",
     "pruned_msa",
+    "registered_decompositions",
     "score_chain_diagonal",
     "score_chain_step",
     "score_factor_step",
@@ -155,11 +163,5 @@ def decompositions() -> dict:
     functional patchslim op: pass it to ``ExportedProgram.run_decompositions`` to get a
     graph of core ATen ops only."""
     table = torch.export.default_decompositions()
-    table.update(
-        {
-            op: fn
-            for op, fn in torch._decomp.decomposition_table.items()
-            if getattr(op, "namespace", None) == "patchslim"
-        }
-    )
+    table.update(DECOMPOSITIONS)
     return table

@@ -4,7 +4,8 @@ point of ``patchslim::prefix_layer_norm``."""
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch._decomp import register_decomposition
+
+from patchslim_ext.ops._decompositions import decomposition
 
 _OP = "patchslim::prefix_layer_norm"
 _BACKWARD_OP = "patchslim::prefix_layer_norm_backward"
@@ -97,8 +98,8 @@ def _prefix_layer_norm_backward_reference(
     )
 
 
-register_decomposition(torch.ops.patchslim.prefix_layer_norm.default)(_prefix_layer_norm_reference)
-register_decomposition(torch.ops.patchslim.prefix_layer_norm_backward.default)(
+decomposition(torch.ops.patchslim.prefix_layer_norm.default)(_prefix_layer_norm_reference)
+decomposition(torch.ops.patchslim.prefix_layer_norm_backward.default)(
     _prefix_layer_norm_backward_reference
 )
 

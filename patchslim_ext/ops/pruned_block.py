@@ -17,7 +17,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch._decomp import register_decomposition
+
+from patchslim_ext.ops._decompositions import decomposition
 
 _MSA_PARAMS = ("ln_weight", "ln_bias", "qkv_weight", "qkv_bias", "proj_weight", "proj_bias")
 _MLP_PARAMS = ("ln_weight", "ln_bias", "fc1_weight", "fc1_bias", "fc2_weight", "fc2_bias")
@@ -314,14 +315,10 @@ def _pruned_mlp_backward_reference(
     return vjp(grad_out)
 
 
-register_decomposition(torch.ops.patchslim.pruned_msa.default)(_pruned_msa_reference)
-register_decomposition(torch.ops.patchslim.pruned_mlp.default)(_pruned_mlp_reference)
-register_decomposition(torch.ops.patchslim.pruned_msa_inference.default)(
-    _pruned_msa_inference_reference
-)
-register_decomposition(torch.ops.patchslim.pruned_mlp_inference.default)(
-    _pruned_mlp_inference_reference
-)
+decomposition(torch.ops.patchslim.pruned_msa.default)(_pruned_msa_reference)
+decomposition(torch.ops.patchslim.pruned_mlp.default)(_pruned_mlp_reference)
+decomposition(torch.ops.patchslim.pruned_msa_inference.default)(_pruned_msa_inference_reference)
+decomposition(torch.ops.patchslim.pruned_mlp_inference.default)(_pruned_mlp_inference_reference)
 
 
 def _msa_via_inference_op(x: Tensor, n_keep: int, *args) -> None:

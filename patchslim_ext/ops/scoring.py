@@ -5,7 +5,8 @@ The ops are not differentiable: scores are computed under ``torch.no_grad``.
 
 import torch
 from torch import Tensor
-from torch._decomp import register_decomposition
+
+from patchslim_ext.ops._decompositions import decomposition
 
 
 def _check_attn(attn: Tensor) -> tuple[int, int, int, int]:
@@ -80,7 +81,7 @@ for _name, _reference in (
     ("score_chain_diagonal", _score_chain_diagonal_reference),
     ("patch_scores", _patch_scores_reference),
 ):
-    register_decomposition(getattr(torch.ops.patchslim, _name).default)(_reference)
+    decomposition(getattr(torch.ops.patchslim, _name).default)(_reference)
 
 
 def score_chain_step(S: Tensor, attn: Tensor, n_out: int) -> Tensor:
