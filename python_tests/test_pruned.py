@@ -210,6 +210,7 @@ def test_cuda_equals_cpu():
     torch.testing.assert_close(got.cpu(), want, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.filterwarnings("ignore:dynamo_pgo force disabled:UserWarning")
 def test_torch_compile_matches_eager(monkeypatch):
     """Also where the environment variable CI is set (CI jobs), in which inductor refuses
     to call the kernel of an op with a decomposition in torch's global table; its caches
