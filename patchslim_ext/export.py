@@ -3,10 +3,9 @@
 ``torch.onnx.export(..., dynamo=True)`` traces the model through ``torch.export``; every
 patchslim op has its reference in standard torch ops as its decomposition, registered
 while the exporter runs (:func:`patchslim_ext.ops.registered_decompositions`), so the
-file holds only standard ONNX
-operators and runs without our compiled library (ONNX Runtime, TensorRT). The plan is
-static: the token permutation is one Gather, and each block updates a prefix of the
-tokens through slices and a concatenation.
+file holds only standard ONNX operators and runs without our compiled library (ONNX
+Runtime, TensorRT). The plan is static: the token permutation is one Gather, and each
+block updates a prefix of the tokens through slices and a concatenation.
 """
 
 from __future__ import annotations

@@ -132,22 +132,33 @@ struct BiasResidualArgs {
   int64_t cols;
 };
 
+constexpr int64_t kAttentionLanes = 16;
+
+// The scratch of the bf16-pair attention kernel (block_rows.h), in 32-bit words: K
+// (words × padded_keys), V (key_pairs × padded_dim), P (key_pairs × lanes), Q (words ×
+// lanes), the scores of the padded keys (padded_keys × lanes) and 1/Σ (lanes).
+struct Bf16PairLayout {
+  int64_t words;        // dim / 2: pairs along the head dim
+  int64_t padded_keys;  // keys rounded up to kAttentionLanes
+  int64_t key_pairs;    // keys / 2 rounded up
+  int64_t padded_dim;   // dim rounded up to kAttentionLanes
+  constexpr Bf16PairLayout(int64_t dim, int64_t keys)
+      : words(dim / 2),
+        padded_keys((keys + kAttentionLanes - 1) / kAttentionLanes * kAttentionLanes),
+        key_pairs((keys + 1) / 2),
+        padded_dim((dim + kAttentionLanes - 1) / kAttentionLanes * kAttentionLanes) {}
+  constexpr int64_t size() const {
+    return words * padded_keys + key_pairs * (padded_dim + kAttentionLanes) +
+           kAttentionLanes * (words + padded_keys + 1);
+  }
+};
+
 // Floats of scratch per thread for the attention kernel (block_rows.h): K and V staged
 // in the accumulation type (2·keys·dim), one block of at most kAttentionLanes queries
-// (dim·lanes), its scores (keys·lanes) and 1/Σ (lanes); or, for the bf16-pair kernel,
-// 32-bit words: K (dim/2 × keys rounded up to the lanes), V (keys/2 rounded up × dim
-// rounded up to the lanes), P (keys/2 rounded up × lanes), Q (dim/2 × lanes), and the
-// scores of the padded keys.
-constexpr int64_t kAttentionLanes = 16;
+// (dim·lanes), its scores (keys·lanes) and 1/Σ (lanes); or the bf16-pair layout.
 constexpr int64_t attention_scratch_size(int64_t dim, int64_t keys) {
-  constexpr int64_t L = kAttentionLanes;
-  const int64_t staged = 2 * keys * dim + L * (dim + keys + 1);
-  const int64_t padded_keys = (keys + L - 1) / L * L;
-  const int64_t key_pairs = (keys + 1) / 2;
-  const int64_t padded_dim = (dim + L - 1) / L * L;
-  const int64_t pairs = dim / 2 * padded_keys + key_pairs * (padded_dim + L) +
-                        L * (dim / 2 + padded_keys + 1);
-  return std::max(staged, pairs);
+  const int64_t staged = 2 * keys * dim + kAttentionLanes * (dim + keys + 1);
+  return std::max(staged, Bf16PairLayout(dim, keys).size());
 }
 
 // Fused attention core: the n queries of each (image, head) pair against its N keys,

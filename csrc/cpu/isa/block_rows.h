@@ -209,11 +209,12 @@ void for_each_attention_task(int64_t queries, int64_t query_splits, int64_t lane
 // than an FMA, so each loop keeps 16 independent sums. Sums stay in fp32; the scale
 // multiplies the fp32 logits, not the bf16 queries.
 struct Bf16PairScratch {
-  uint32_t* key_pairs;    // dim/2 × keys rounded up to 16, zero past the last key
-  uint32_t* value_pairs;  // keys/2 rounded up × dim rounded up to 16
-  uint32_t* prob_pairs;   // keys/2 rounded up × 16
-  uint32_t* query_pairs;  // dim/2 × 16
-  float* scores;          // keys rounded up to 16 × 16
+  Bf16PairLayout layout;
+  uint32_t* key_pairs;    // words × padded_keys, zero past the last key
+  uint32_t* value_pairs;  // key_pairs × padded_dim
+  uint32_t* prob_pairs;   // key_pairs × 16
+  uint32_t* query_pairs;  // words × 16
+  float* scores;          // padded_keys × 16
   float* inverse_sums;    // 16
 };
 
@@ -249,8 +250,6 @@ inline void attention_values_bf16_pairs(const AttentionArgs<BFloat16Bits>& a, in
                                         int64_t first, int64_t count, const Bf16PairScratch& s) {
   constexpr int64_t lanes = Vec<float>::size;
   const int64_t d = a.dim;
-  const int64_t padded_dim = (d + lanes - 1) / lanes * lanes;
-  const int64_t key_pairs = (a.keys + 1) / 2;
   const int64_t b = pair / a.heads;
   const int64_t h = pair % a.heads;
   for (int64_t c = 0; c < d; c += lanes) {
@@ -258,7 +257,8 @@ inline void attention_values_bf16_pairs(const AttentionArgs<BFloat16Bits>& a, in
     for (int r = 0; r < kRows; ++r) acc[r] = _mm512_setzero_ps();
     const uint32_t* values = s.value_pairs + c;
     const uint32_t* p = s.prob_pairs;
-    for (int64_t kp = 0; kp < key_pairs; ++kp, values += padded_dim, p += lanes) {
+    for (int64_t kp = 0; kp < s.layout.key_pairs;
+         ++kp, values += s.layout.padded_dim, p += lanes) {
       const __m512i v = _mm512_loadu_si512(values);
       for (int r = 0; r < kRows; ++r) {
         acc[r] = dot_pairs(acc[r], _mm512_set1_epi32(static_cast<int>(p[r])), v);
@@ -278,10 +278,11 @@ inline void attention_query_block_bf16_pairs(const AttentionArgs<BFloat16Bits>& 
                                              const Bf16PairScratch& s) {
   using V = Vec<float>;
   constexpr int64_t lanes = V::size;
-  constexpr int kKeys = 16;
+  // Keys per pass of Q Kᵀ: the keys are padded to whole passes.
+  constexpr int kKeys = kAttentionLanes;
   const int64_t N = a.keys;
-  const int64_t padded_keys = (N + kKeys - 1) / kKeys * kKeys;
-  const int64_t words = a.dim / 2;
+  const int64_t padded_keys = s.layout.padded_keys;
+  const int64_t words = s.layout.words;
   const int64_t b = pair / a.heads;
   const int64_t h = pair % a.heads;
   for (int64_t r = 0; r < lanes; ++r) {
@@ -331,15 +332,15 @@ inline void attention_query_block_bf16_pairs(const AttentionArgs<BFloat16Bits>& 
 inline void attention_heads_bf16_pairs(const AttentionArgs<BFloat16Bits>& a, int64_t begin,
                                        int64_t end, float* scratch) {
   constexpr int64_t lanes = Vec<float>::size;
+  static_assert(lanes == kAttentionLanes, "Bf16PairLayout pads to kAttentionLanes");
   const int64_t N = a.keys;
   const int64_t d = a.dim;
-  const int64_t words = d / 2;
-  const int64_t padded_keys = (N + lanes - 1) / lanes * lanes;
-  const int64_t key_pairs = (N + 1) / 2;
-  const int64_t padded_dim = (d + lanes - 1) / lanes * lanes;
-  auto* scratch_words = reinterpret_cast<uint32_t*>(scratch);
-  Bf16PairScratch s{};
-  s.key_pairs = scratch_words;
+  Bf16PairScratch s{Bf16PairLayout(d, N)};
+  const int64_t words = s.layout.words;
+  const int64_t padded_keys = s.layout.padded_keys;
+  const int64_t key_pairs = s.layout.key_pairs;
+  const int64_t padded_dim = s.layout.padded_dim;
+  s.key_pairs = reinterpret_cast<uint32_t*>(scratch);
   s.value_pairs = s.key_pairs + words * padded_keys;
   s.prob_pairs = s.value_pairs + key_pairs * padded_dim;
   s.query_pairs = s.prob_pairs + key_pairs * lanes;
