@@ -335,17 +335,18 @@ inline void attention_heads_bf16_pairs(const AttentionArgs<BFloat16Bits>& a, int
   static_assert(lanes == kAttentionLanes, "Bf16PairLayout pads to kAttentionLanes");
   const int64_t N = a.keys;
   const int64_t d = a.dim;
-  Bf16PairScratch s{Bf16PairLayout(d, N)};
-  const int64_t words = s.layout.words;
-  const int64_t padded_keys = s.layout.padded_keys;
-  const int64_t key_pairs = s.layout.key_pairs;
-  const int64_t padded_dim = s.layout.padded_dim;
-  s.key_pairs = reinterpret_cast<uint32_t*>(scratch);
-  s.value_pairs = s.key_pairs + words * padded_keys;
-  s.prob_pairs = s.value_pairs + key_pairs * padded_dim;
-  s.query_pairs = s.prob_pairs + key_pairs * lanes;
-  s.scores = reinterpret_cast<float*>(s.query_pairs + words * lanes);
-  s.inverse_sums = s.scores + padded_keys * lanes;
+  const Bf16PairLayout layout(d, N);
+  const int64_t words = layout.words;
+  const int64_t padded_keys = layout.padded_keys;
+  const int64_t key_pairs = layout.key_pairs;
+  const int64_t padded_dim = layout.padded_dim;
+  uint32_t* const key_words = reinterpret_cast<uint32_t*>(scratch);
+  uint32_t* const value_words = key_words + words * padded_keys;
+  uint32_t* const prob_words = value_words + key_pairs * padded_dim;
+  uint32_t* const query_words = prob_words + key_pairs * lanes;
+  float* const scores = reinterpret_cast<float*>(query_words + words * lanes);
+  const Bf16PairScratch s{layout,      key_words, value_words, prob_words,
+                          query_words, scores,    scores + padded_keys * lanes};
   for_each_attention_task(a.queries, a.query_splits, lanes, begin, end,
                           [&](int64_t pair, int64_t first, int64_t last) {
     const int64_t b = pair / a.heads;
