@@ -24,8 +24,9 @@ LAYER_NORM_FLOPS_PER_ELEMENT = 5
 
 # Ops fvcore has no handle for, free under its convention: element-wise ops (residual
 # adds, GELU, softmax; the T2T performer's feature map, normaliser division and sum) and
-# the T2T soft splits (aten::pad, aten::as_strided) and a slimmed model's token
-# permutation (aten::index_select), pure rearrangements.
+# the T2T soft splits (aten::pad, aten::as_strided), the reordering of their features
+# (aten::unflatten) and a slimmed model's token permutation (aten::index_select), pure
+# rearrangements.
 FREE_OPS = (
     "aten::add",
     "aten::add_",
@@ -38,6 +39,7 @@ FREE_OPS = (
     "aten::softmax",
     "aten::pad",
     "aten::as_strided",
+    "aten::unflatten",
     "aten::index_select",
 )
 

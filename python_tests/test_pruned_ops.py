@@ -241,6 +241,24 @@ def test_msa_without_bias_has_no_bias_gradient():
     assert x.grad is not None and all(p.grad is not None for p in params if p is not None)
 
 
+@pytest.mark.parametrize("batch", [1, 2])
+@pytest.mark.parametrize("op", ["pruned_msa_", "pruned_msa_inference"])
+def test_projections_of_kept_rows_are_plain_gemms(op, batch):
+    """Without a qkv bias (T2T-ViT), the projection of the kept rows must not take
+    at::matmul's batched GEMM, which copies the weight once per image: at batch 1 the
+    kept rows' batch stride is the full tensor's, which matmul cannot fold into a matrix
+    although is_contiguous() holds (a 384×384 copy per block for T2T-ViT-14)."""
+    x, msa, _ = _block_inputs(torch.float32, batch=batch, tokens=9, channels=12)
+    params = [*msa[:3], None, *msa[4:]]
+    want = _pruned_msa_reference(x, 4, 3, *params, EPS, None)[0]
+    with torch.profiler.profile() as profile:
+        out = getattr(torch.ops.patchslim, op)(x, 4, 3, *params, EPS, None)
+    got = x[:, :4] if op == "pruned_msa_" else out
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    calls = {event.name for event in profile.events()}
+    assert "aten::mm" in calls and "aten::bmm" not in calls, sorted(calls)
+
+
 @pytest.mark.parametrize("device", cpu_and_cuda())
 def test_opcheck_msa_without_bias_and_custom_scale(device):
     dtype = torch.float64 if device == "cpu" else torch.float32

@@ -194,7 +194,7 @@ def test_output_shape_and_soft_split_geometry(tokens_type):
     assert module.num_patches == 196
     assert module.grid_sizes(224, 224) == ((56, 56), (28, 28), (14, 14))
     seen = {}
-    for name in ("attention1", "attention2", "project"):
+    for name in ("attention1", "attention2"):
         getattr(module, name).register_forward_hook(
             lambda _m, args, out, name=name: seen.update({name: (args[0].shape, out.shape)})
         )
@@ -203,25 +203,36 @@ def test_output_shape_and_soft_split_geometry(tokens_type):
     assert out.shape == (1, 196, 384)
     assert seen["attention1"] == ((1, 56 * 56, 3 * 7 * 7), (1, 56 * 56, 64))
     assert seen["attention2"] == ((1, 28 * 28, 64 * 3 * 3), (1, 28 * 28, 64))
-    assert seen["project"] == ((1, 14 * 14, 64 * 3 * 3), (1, 14 * 14, 384))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_soft_splits_are_padded_windows(dtype):
     """soft_split on a channels-last view (of an image, or of tokens as their grid)
-    equals nn.Unfold, the official soft split, transposed to tokens."""
+    equals nn.Unfold, the official soft split, transposed to tokens, with its features
+    reordered by window_major."""
     images = torch.randn(2, 3, 32, 40, dtype=dtype)
     tokens = torch.randn(2, 15 * 9, 8, dtype=dtype)
     for kernel, stride, padding in t2t.SOFT_SPLITS:
         unfold = nn.Unfold(kernel, stride=stride, padding=padding)
         expected = soft_split_reference(images, kernel, stride, padding)
         assert torch.equal(unfold(images).transpose(1, 2), expected)
-        assert torch.equal(
-            t2t.soft_split(images.permute(0, 2, 3, 1), kernel, stride, padding), expected
-        )
+        got = t2t.soft_split(images.permute(0, 2, 3, 1), kernel, stride, padding)
+        assert torch.equal(got, t2t.window_major(expected, 3))
         grid = tokens.view(2, 15, 9, 8)
         expected = soft_split_reference(grid.permute(0, 3, 1, 2), kernel, stride, padding)
-        assert torch.equal(t2t.soft_split(grid, kernel, stride, padding), expected)
+        assert torch.equal(
+            t2t.soft_split(grid, kernel, stride, padding), t2t.window_major(expected, 8)
+        )
+
+
+def test_window_major_order():
+    """Feature c·k² + p (Unfold's) moves to p·C + c, for vectors and the rows of a matrix."""
+    channels, window = 3, 4
+    channel_major = torch.tensor([10 * c + p for c in range(channels) for p in range(window)])
+    window_major = torch.tensor([10 * c + p for p in range(window) for c in range(channels)])
+    assert torch.equal(t2t.window_major(channel_major, channels), window_major)
+    rows = torch.stack([channel_major, -channel_major])
+    assert torch.equal(t2t.window_major(rows, channels), torch.stack([window_major, -window_major]))
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
@@ -232,12 +243,15 @@ def test_soft_splits_are_padded_windows(dtype):
 def test_token_layers_against_reference(tokens_type, reference, dtype):
     module = _randomise(t2t.TokensToToken(img_size=32, tokens_type=tokens_type, token_dim=8))
     generator = torch.Generator().manual_seed(1)
-    for name, tokens in (("attention1", 64), ("attention2", 16)):
+    for name, tokens, channels in (("attention1", 64, 3), ("attention2", 16, 8)):
         layer = getattr(module, name).to(dtype)
+        assert layer.window_channels == channels
         state = {k: v.double() for k, v in layer.state_dict().items()}
         x = torch.randn(2, tokens, state["norm1.weight"].shape[0], generator=generator)
         with torch.no_grad():
-            got = layer(x.to(dtype))
+            # The layer takes soft_split's window-major order; its parameters and the
+            # reference keep the official channel-major one.
+            got = layer(t2t.window_major(x, channels).to(dtype))
         assert got.dtype == dtype and got.shape == (2, tokens, 8)
         tolerance = 1e-10 if dtype == torch.float64 else 1e-4
         torch.testing.assert_close(

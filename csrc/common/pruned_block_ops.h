@@ -182,6 +182,19 @@ inline at::Tensor weight_grad(const at::Tensor& grad, const at::Tensor& input) {
   return at::mm(grad.reshape({-1, grad.size(-1)}).t(), input.reshape({-1, input.size(-1)}));
 }
 
+// at::linear of the rows of (B, n, C) x as one (B·n, C) GEMM: (B, n, out). Given the
+// 3-D tensor, at::linear without a bias (at::matmul) folds it into a matrix only when
+// its strides allow a view, else it takes a batched GEMM that copies the weight once
+// per image (B·C² elements; 7 of 10 ms for DeiT-B in bfloat16 at batch 32). The kept
+// rows of one image are such a case although is_contiguous() holds (a size-1 batch dim
+// keeps the full tensor's stride): T2T-ViT-14, without qkv bias, paid a 384×384 copy
+// per block at batch 1. reshape copies the rows only where no view exists (B > 1).
+inline at::Tensor linear_of_rows(const at::Tensor& x, const at::Tensor& weight,
+                                 const std::optional<at::Tensor>& bias) {
+  return at::linear(x.reshape({-1, x.size(-1)}), weight, bias)
+      .view({x.size(0), x.size(1), weight.size(0)});
+}
+
 // Everything the attention forward and backward share: normalised x, Q, K, V.
 // q (B, n, C) and kv (B, N, 2C) as projected, and their per-head views.
 struct MsaProjections {
@@ -206,12 +219,8 @@ MsaProjections msa_projections(const at::Tensor& normed, int64_t n_keep, int64_t
     if (!p.qkv_bias.has_value()) return std::nullopt;
     return p.qkv_bias->narrow(0, start, length);
   };
-  // The kept rows as one contiguous (B, n, C) block: on the row slice itself at::linear
-  // can take a batched GEMM that copies the weight once per image (B·C² elements, 7 of
-  // 10 ms for DeiT-B in bfloat16) instead of these B·n·C.
-  const auto kept = normed.narrow(1, 0, n_keep).contiguous();
-  return {at::linear(kept, p.qkv_weight.narrow(0, 0, C), bias(0, C)),
-          at::linear(normed, p.qkv_weight.narrow(0, C, 2 * C), bias(C, 2 * C)), num_heads};
+  return {linear_of_rows(normed.narrow(1, 0, n_keep), p.qkv_weight.narrow(0, 0, C), bias(0, C)),
+          linear_of_rows(normed, p.qkv_weight.narrow(0, C, 2 * C), bias(C, 2 * C)), num_heads};
 }
 
 // The logits' scale: the caller's (T2T-ViT uses embed_dim^-0.5), else 1/sqrt(head_dim).
