@@ -23,10 +23,10 @@ from patchslim_ext.vit import ViTConfig
 LAYER_NORM_FLOPS_PER_ELEMENT = 5
 
 # Ops fvcore has no handle for, free under its convention: element-wise ops (residual
-# adds, GELU, softmax; the T2T performer's feature map, normaliser division and sum) and
-# the T2T soft splits (aten::pad, aten::as_strided), the reordering of their features
-# (aten::unflatten) and a slimmed model's token permutation (aten::index_select), pure
-# rearrangements.
+# adds, GELU, softmax; the T2T performer's feature map, |x|² as a squared vector norm,
+# normaliser division and sum) and the T2T soft splits (aten::pad, aten::as_strided),
+# the reordering of their features (aten::unflatten) and a slimmed model's token
+# permutation (aten::index_select), pure rearrangements.
 FREE_OPS = (
     "aten::add",
     "aten::add_",
@@ -34,6 +34,9 @@ FREE_OPS = (
     "aten::mul",
     "aten::div",
     "aten::exp",
+    "aten::exp_",
+    "aten::linalg_vector_norm",
+    "aten::square",
     "aten::sum",
     "aten::gelu",
     "aten::softmax",
