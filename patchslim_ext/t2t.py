@@ -10,8 +10,10 @@ layer mixes those, and a last 3×3 split gives the 14×14 tokens that ``project`
 Module and parameter names follow the official code (``yitu-opensource/T2T-ViT``,
 ``models/t2t_vit.py``, ``token_performer.py``, ``token_transformer.py``), so a model that
 holds :class:`TokensToToken` as ``self.tokens_to_token`` loads the official checkpoints'
-``tokens_to_token.*`` entries with ``strict=True``. In float32 the numerics are the
-official ones; where the official code does something unusual, a comment says so.
+``tokens_to_token.*`` entries with ``strict=True``. The maths is the official one, and
+in float32 so are the results up to rounding (the soft splits' feature order and the
+performer's arithmetic are arranged for speed; comments say where). Where the official
+code does something unusual, a comment says so too.
 
 This file imports only torch, so it can be used (and tested) on its own.
 """
@@ -196,7 +198,7 @@ class TokenPerformer(nn.Module):
         # The official code casts to float32 here (`x.float()`): exp of a difference of
         # large terms overflows or cancels in half precision. We go further and keep
         # autocast off for the feature map and the two products, so the float32 path
-        # holds under AMP too; in float32 the result is the official one.
+        # holds under AMP too; in float32 the result is the official one up to rounding.
         dtype = torch.promote_types(v.dtype, torch.float32)
         with _no_autocast(kqv.device):
             # One cast of the contiguous projections, not three of strided slices.
@@ -334,11 +336,19 @@ class TokensToToken(nn.Module):
         self.attention1: nn.Module
         self.attention2: nn.Module
         if tokens_type == "performer":
-            self.attention1 = TokenPerformer(dim1, token_dim, 0.5, window_channels=in_chans)
-            self.attention2 = TokenPerformer(dim2, token_dim, 0.5, window_channels=token_dim)
+            self.attention1 = TokenPerformer(
+                dim1, token_dim, kernel_ratio=0.5, window_channels=in_chans
+            )
+            self.attention2 = TokenPerformer(
+                dim2, token_dim, kernel_ratio=0.5, window_channels=token_dim
+            )
         else:
-            self.attention1 = TokenTransformer(dim1, token_dim, 1.0, window_channels=in_chans)
-            self.attention2 = TokenTransformer(dim2, token_dim, 1.0, window_channels=token_dim)
+            self.attention1 = TokenTransformer(
+                dim1, token_dim, mlp_ratio=1.0, window_channels=in_chans
+            )
+            self.attention2 = TokenTransformer(
+                dim2, token_dim, mlp_ratio=1.0, window_channels=token_dim
+            )
         self.project = nn.Linear(token_dim * k2 * k2, embed_dim)
         stride = s0 * s1 * s2
         self.num_patches = (img_size // stride) * (img_size // stride)
