@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -17,6 +18,7 @@ from patchslim_ext.benchmark import (
     TABLE_HEADERS,
     BenchRow,
     compare,
+    describe_machine,
     forward_seconds,
     peak_memory_bytes,
     pyramid_plan,
@@ -230,3 +232,32 @@ def test_bench_command_json(capsys):
     assert main([*args, "--json"]) == 0
     (row,) = json.loads(capsys.readouterr().out)["rows"]
     assert row["dense_ms"] > 0 and row["dense_spread"] >= 0
+
+
+@pytest.mark.parametrize(
+    ("environment", "expected"),
+    [
+        ({}, "glibc malloc (default settings)"),
+        (
+            {"MALLOC_TRIM_THRESHOLD_": "1", "MALLOC_MMAP_THRESHOLD_": "2"},
+            "glibc malloc (MALLOC_MMAP_THRESHOLD_=2 MALLOC_TRIM_THRESHOLD_=1)",
+        ),
+        (
+            {"GLIBC_TUNABLES": "glibc.malloc.trim_threshold=1"},
+            "glibc malloc (GLIBC_TUNABLES=glibc.malloc.trim_threshold=1)",
+        ),
+        (
+            {"LD_PRELOAD": "/usr/lib/libfoo.so /usr/lib/libjemalloc.so.2"},
+            "allocator libjemalloc.so.2 (LD_PRELOAD)",
+        ),
+    ],
+)
+def test_machine_line_names_the_allocator(monkeypatch, environment, expected):
+    """The allocator decides whether freed buffers are page-faulted in again on every
+    call, so benchmark headers say which one ran."""
+    for key in list(os.environ):
+        if key in ("LD_PRELOAD", "GLIBC_TUNABLES") or key.startswith("MALLOC_"):
+            monkeypatch.delenv(key)
+    for key, value in environment.items():
+        monkeypatch.setenv(key, value)
+    assert describe_machine("cpu").endswith(expected)
