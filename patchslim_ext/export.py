@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import logging
 import os
 import warnings
 from collections.abc import Iterator
@@ -67,7 +66,7 @@ def export_onnx(
     dynamic_shapes = {"images": {0: torch.export.Dim("batch")}} if dynamic_batch else None
     # With autograd on, the slimmed blocks concatenate kept and passed-through rows
     # instead of writing into a buffer in place, which ONNX would express as a scatter.
-    with torch.enable_grad(), _quiet("onnxscript"), registered_decompositions():
+    with torch.enable_grad(), _without_pytree_warnings(), registered_decompositions():
         program = torch.onnx.export(
             model,
             (images,),
@@ -76,6 +75,10 @@ def export_onnx(
             input_names=["images"],
             output_names=["logits"],
             verbose=False,
+            # onnxscript's optimiser (0.7) rewrites `x + c` to `x` for any |c| <= 1e-8:
+            # it dropped the epsilon of T2T-ViT's performer normaliser, whose 0/0 then
+            # gave NaN logits in ONNX Runtime. Runtimes fold and fuse the graph anyway.
+            optimize=False,
         )
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -83,17 +86,8 @@ def export_onnx(
 
 
 @contextlib.contextmanager
-def _quiet(logger_name: str) -> Iterator[None]:
-    """Silence a logger's warnings (onnxscript's optimiser logs one line per node it
-    leaves unfolded, which tells a user nothing) and torch.export's own deprecation
-    warnings, for a while."""
-    logger = logging.getLogger(logger_name)
-    level = logger.level
-    logger.setLevel(logging.ERROR)
-    try:
-        with warnings.catch_warnings():
-            # torch.export's pytree internals warn about their own deprecated API.
-            warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)
-            yield
-    finally:
-        logger.setLevel(level)
+def _without_pytree_warnings() -> Iterator[None]:
+    """Silence torch.export's warnings about its own deprecated pytree API, for a while."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)
+        yield

@@ -1,5 +1,6 @@
 """Deployment: ONNX files of standard operators that ONNX Runtime runs with PyTorch's
-logits (dense, slimmed, distilled), and torch.export lowered to standard ops."""
+logits (dense, slimmed, distilled, DeiT-III, T2T-ViT), and torch.export lowered to
+standard ops."""
 
 from __future__ import annotations
 
@@ -46,8 +47,9 @@ def _relative_error(got: np.ndarray, want: torch.Tensor) -> float:
         (ps.deit_tiny_patch16_224, 1),
         (ps.deit_small_distilled_patch16_224, 2),
         (ps.deit3_small_patch16_224, 3),
+        (ps.t2t_vit_14, 4),
     ],
-    ids=["dense", "slimmed", "distilled-slimmed", "deit3-slimmed"],
+    ids=["dense", "slimmed", "distilled-slimmed", "deit3-slimmed", "t2t-slimmed"],
 )
 def test_onnx_round_trip_in_onnx_runtime(factory, plan_seed, tmp_path):
     model = _model(factory, plan_seed)

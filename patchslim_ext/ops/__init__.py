@@ -112,7 +112,7 @@ functional ops are their decompositions, in a table of our own, so that
 leaves no ``patchslim::`` node, and
 
     with patchslim_ext.ops.registered_decompositions():
-        torch.onnx.export(module, args, dynamo=True)
+        torch.onnx.export(module, args, dynamo=True, optimize=False)
 
 writes standard ONNX ops (the ONNX exporter reads torch's global decomposition table,
 where they are only while it runs: inductor refuses to call the kernel of an op that has

@@ -38,10 +38,10 @@ def registered_decompositions() -> Iterator[None]:
     ``torch.onnx.export(..., dynamo=True)`` of a model that calls patchslim ops::
 
         with patchslim_ext.ops.registered_decompositions():
-            torch.onnx.export(model, args, dynamo=True)
+            torch.onnx.export(model, args, dynamo=True, optimize=False)
 
-    (:func:`patchslim_ext.export.export_onnx` does this.) Not for ``torch.compile``,
-    which should call the kernels."""
+    (:func:`patchslim_ext.export.export_onnx` does this, and explains ``optimize=False``.)
+    Not for ``torch.compile``, which should call the kernels."""
     table = torch._decomp.decomposition_table
     added = [op for op in DECOMPOSITIONS if op not in table]
     table.update({op: DECOMPOSITIONS[op] for op in added})
