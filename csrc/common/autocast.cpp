@@ -1,7 +1,7 @@
 // Autocast kernels of the patchslim ops, for CPU and CUDA: inputs are cast once, here,
 // and the op runs below autocast (as torchvision's csrc/ops/autocast does).
-//   - the block ops (and their inference forms) run in the autocast dtype (their GEMMs are what autocast speeds up;
-//     the row kernels accumulate in float32);
+//   - the block ops (and their inference forms) run in the autocast dtype (their GEMMs
+//     are what autocast speeds up; the row kernels accumulate in float32);
 //   - the in-place ops keep x's dtype (a cast copy of x would take the write) and cast
 //     the parameters to it;
 //   - prefix_layer_norm runs in float32, as autocast runs torch's layer_norm;

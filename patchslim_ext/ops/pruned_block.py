@@ -221,17 +221,12 @@ def _pruned_mlp_reference(
     return x + F.linear(F.gelu(pre + fc1_bias), fc2_weight, fc2_bias), pre
 
 
-def _pruned_msa_inference_reference(x: Tensor, *args) -> Tensor:
-    """``patchslim::pruned_msa_inference``: the reference's first output."""
-    return _pruned_msa_reference(x, *args)[0]
-
-
 def _pruned_mlp_inference_reference(x: Tensor, *args) -> Tensor:
     """``patchslim::pruned_mlp_inference``: the reference's first output."""
     return _pruned_mlp_reference(x, *args)[0]
 
 
-def _pruned_msa_inplace_reference(
+def _msa_update(
     x: Tensor,
     n_keep: int,
     num_heads: int,
@@ -243,15 +238,25 @@ def _pruned_msa_inplace_reference(
     proj_bias: Tensor,
     eps: float,
     scale: float | None = None,
-) -> None:
-    """``patchslim::pruned_msa_``: the kept rows written into ``x[:, :n_keep]``. No
-    probabilities are formed, so attention is ``scaled_dot_product_attention``, as a user
+) -> Tensor:
+    """What the attention sub-layer adds to the kept rows, (B, n_keep, C), when no
+    probabilities are wanted: attention is ``scaled_dot_product_attention``, as a user
     would write the same maths in plain torch (the benchmarks' baseline)."""
     channels = x.shape[-1]
     q, kv = _msa_projections(x, n_keep, ln_weight, ln_bias, qkv_weight, qkv_bias, eps)
     keys, values = (_split_heads(t, num_heads) for t in kv.split(channels, -1))
     context = F.scaled_dot_product_attention(_split_heads(q, num_heads), keys, values, scale=scale)
-    x[:, :n_keep] += F.linear(context.transpose(1, 2).flatten(2), proj_weight, proj_bias)
+    return F.linear(context.transpose(1, 2).flatten(2), proj_weight, proj_bias)
+
+
+def _pruned_msa_inference_reference(x: Tensor, n_keep: int, *args) -> Tensor:
+    """``patchslim::pruned_msa_inference``: the updated kept rows, (B, n_keep, C)."""
+    return x[:, :n_keep] + _msa_update(x, n_keep, *args)
+
+
+def _pruned_msa_inplace_reference(x: Tensor, n_keep: int, *args) -> None:
+    """``patchslim::pruned_msa_``: the kept rows updated in ``x[:, :n_keep]``."""
+    x[:, :n_keep] += _msa_update(x, n_keep, *args)
 
 
 def _pruned_mlp_inplace_reference(x: Tensor, *args) -> None:
