@@ -189,7 +189,7 @@ def test_performer_random_features_are_a_frozen_parameter():
 
 
 @pytest.mark.parametrize("tokens_type", ["performer", "transformer"])
-def test_output_shape_and_soft_split_geometry(tokens_type):
+def test_output_shape_and_soft_split_geometry(tokens_type, monkeypatch):
     module = t2t.TokensToToken(tokens_type=tokens_type).eval()
     assert module.num_patches == 196
     assert module.grid_sizes(224, 224) == ((56, 56), (28, 28), (14, 14))
@@ -198,11 +198,22 @@ def test_output_shape_and_soft_split_geometry(tokens_type):
         getattr(module, name).register_forward_hook(
             lambda _m, args, out, name=name: seen.update({name: (args[0].shape, out.shape)})
         )
+    splits = []
+    soft_split = t2t.soft_split
+    monkeypatch.setattr(
+        t2t, "soft_split", lambda *args: splits.append(soft_split(*args)) or splits[-1]
+    )
     with torch.no_grad():
         out = module(torch.randn(1, 3, 224, 224))
     assert out.shape == (1, 196, 384)
     assert seen["attention1"] == ((1, 56 * 56, 3 * 7 * 7), (1, 56 * 56, 64))
     assert seen["attention2"] == ((1, 28 * 28, 64 * 3 * 3), (1, 28 * 28, 64))
+    # The last split is what `project` maps to embed_dim.
+    assert [split.shape for split in splits] == [
+        (1, 56 * 56, 3 * 7 * 7),
+        (1, 28 * 28, 64 * 3 * 3),
+        (1, 14 * 14, 64 * 3 * 3),
+    ]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
