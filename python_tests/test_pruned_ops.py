@@ -763,6 +763,81 @@ def test_low_precision_within_twice_plain_torch(dtype, cpu_isa_env):
         _assert_within_twice_plain_torch([updated], [plain], want[:1], f"{isa} mlp_")
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_mlp_gelu_over_its_whole_range(dtype, cpu_isa_env):
+    """GELU of every value of a fine grid over [-9, 9], through pruned_mlp_inference with a
+    zero LayerNorm weight (FC1's output is 0, so GELU sees FC1's bias), an identity FC2 and
+    a zero residual: the output is GELU(bias), rounded once.
+    float32 keeps a relative error of a few ulp even in the left tail (the erfc form), times
+    1 + x², the condition number of Φ at x there (rounding x/√2 alone costs that much);
+    16-bit storage, whose kernels use the cheaper rational form, is within an ulp of the
+    exact value, or 1e-6 absolute (the tail, where Φ itself is below 1e-6)."""
+    channels = 512
+    values = torch.linspace(-9, 9, 8 * channels, dtype=torch.float64).to(dtype)
+    exact = values.double() * 0.5 * torch.special.erfc(-values.double() / 2**0.5)
+    eps = torch.finfo(dtype).eps
+    if dtype == torch.float32:
+        tolerance = 4 * eps * exact.abs() * (1 + values.double() ** 2)
+    else:
+        tolerance = eps * exact.abs() + 1e-6
+    zeros = torch.zeros(channels, dtype=dtype)
+    identity = torch.eye(channels, dtype=dtype)
+    for isa in cpu_isas():
+        cpu_isa_env(isa)
+        got = torch.cat(
+            [
+                torch.ops.patchslim.pruned_mlp_inference(
+                    zeros.view(1, 1, channels),
+                    zeros,
+                    zeros,
+                    identity,
+                    bias,
+                    identity,
+                    zeros,
+                    EPS,
+                ).flatten()
+                for bias in values.split(channels)
+            ]
+        )
+        error = (got.double() - exact).abs()
+        worst = int((error - tolerance).argmax())
+        assert bool((error <= tolerance).all()), (
+            f"{isa} {dtype}: GELU({values[worst].item()}) = {got[worst].item()}, "
+            f"exact {exact[worst].item()}"
+        )
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_16_bit_stores_round_as_torch(dtype, cpu_isa_env):
+    """The kernels' float-to-16-bit stores round as torch's conversion does, bit for bit:
+    nearest even, subnormals kept (AVX512-BF16's conversion instruction would flush them),
+    NaN and infinities kept. The sums x + bias are exact in float (close exponents), so
+    the one rounding is the store's: through pruned_mlp_inference with zero weights the
+    output is x + FC2's bias."""
+    channels = 256
+    generator = torch.Generator().manual_seed(7)
+    tiny = torch.finfo(dtype).tiny
+    scales = torch.tensor([tiny / 64, tiny / 3, tiny, 1.0, 300.0], dtype=torch.float64)
+    x = (
+        torch.randn(len(scales), channels, generator=generator, dtype=torch.float64)
+        * scales[:, None]
+    ).to(dtype)
+    bias = (x.double() * torch.rand(len(scales), channels, generator=generator)).to(dtype)
+    x, bias = x.flatten(), bias.flatten()
+    # In the bias: in x they would reach every output through LayerNorm.
+    bias[:4] = torch.tensor([float("nan"), float("inf"), -float("inf"), 0.0])
+    zeros = torch.zeros(x.numel(), dtype=dtype)
+    weights = torch.zeros(x.numel(), x.numel(), dtype=dtype)
+    want = (torch.zeros(x.numel()) + bias.float() + x.float()).to(dtype)  # FC2's 0 + bias + x
+    for isa in cpu_isas():
+        cpu_isa_env(isa)
+        got = torch.ops.patchslim.pruned_mlp_inference(
+            x.view(1, 1, -1), zeros, zeros, weights, zeros, weights, bias, EPS
+        ).flatten()
+        same = (got.view(torch.int16) == want.view(torch.int16)) | (got.isnan() & want.isnan())
+        assert bool(same.all()), f"{isa}: {got[~same][:4].tolist()} != {want[~same][:4].tolist()}"
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_low_precision_gradients_within_twice_plain_torch(dtype):
     """The backward ops in bfloat16/float16 (through autograd), every gradient."""

@@ -51,6 +51,17 @@ void softmax_backward_rows(const SoftmaxBackwardArgs<T>& a, int64_t begin, int64
   }
 }
 
+// Φ for GELU on values stored as T: the rational form where T is 16-bit and the
+// vectors are float (vec_math.h: its error is below their rounding), else the erfc form.
+template <typename T>
+inline Vec<acc_t<T>> gelu_cdf(Vec<acc_t<T>> x) {
+  if constexpr (sizeof(T) == 2 && kFastFloat<acc_t<T>>) {
+    return vnormal_cdf_rational(x);
+  } else {
+    return vnormal_cdf(x);
+  }
+}
+
 template <typename T>
 void bias_gelu_rows(const BiasGeluArgs<T>& a, int64_t begin, int64_t end) {
   using A = acc_t<T>;
@@ -59,7 +70,7 @@ void bias_gelu_rows(const BiasGeluArgs<T>& a, int64_t begin, int64_t end) {
     T* h = a.hidden.row(r);
     for_each_chunk<T>(a.cols, [&](int64_t c, int64_t n) {
       const V x = load_chunk(h + c, n, A(0)) + load_chunk(a.bias + c, n, A(0));
-      store_chunk(x * vnormal_cdf(x), h + c, n);
+      store_chunk(x * gelu_cdf<T>(x), h + c, n);
     });
   }
 }
@@ -73,7 +84,7 @@ void bias_gelu_backward_rows(const BiasGeluBackwardArgs<T>& a, int64_t begin, in
     T* g = a.grad.row(r);
     for_each_chunk<T>(a.cols, [&](int64_t c, int64_t n) {
       const V x = load_chunk(pre + c, n, A(0)) + load_chunk(a.bias + c, n, A(0));
-      const V slope = V::fma(x, vnormal_pdf(x), vnormal_cdf(x));
+      const V slope = V::fma(x, vnormal_pdf(x), gelu_cdf<T>(x));
       store_chunk(load_chunk(g + c, n, A(0)) * slope, g + c, n);
     });
   }

@@ -107,6 +107,14 @@ struct Vec<float> {
     return {_mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16))};
   }
   __m256i to_bf16() const {
+#if defined(PATCHSLIM_ISA_AVX512_BF16)
+    // One vcvtneps2bf16 rounds as below, except that it flushes subnormal inputs to
+    // zero; those (|v| < 2^-126, never met in activations) take the integer path.
+    if (_mm512_fpclass_ps_mask(v, 0x20) == 0) {
+      const __m256bh rounded = _mm512_cvtneps_pbh(v);
+      return reinterpret_cast<const __m256i&>(rounded);
+    }
+#endif
     const __m512i bits = _mm512_castps_si512(v);
     const __m512i high = _mm512_srli_epi32(bits, 16);
     const __m512i odd = _mm512_and_si512(high, _mm512_set1_epi32(1));
