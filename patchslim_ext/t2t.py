@@ -31,6 +31,10 @@ TOKENS_TYPES = ("performer", "transformer")
 # (kernel, stride, padding) of soft_split0, soft_split1 and soft_split2.
 SOFT_SPLITS = ((7, 4, 2), (3, 2, 1), (3, 2, 1))
 
+# Eager forwards of TokensToToken take at most this many first-layer tokens at a time
+# (four 224×224 images); see TokensToToken.forward.
+TOKENS_PER_CHUNK = 4 * 56 * 56
+
 
 def sinusoid_position_table(num_positions: int, dim: int) -> Tensor:
     """The fixed sinusoid position table of T2T-ViT (official ``get_sinusoid_encoding``).
@@ -370,6 +374,23 @@ class TokensToToken(nn.Module):
             raise ValueError(
                 f"expected images of shape (B, {self.in_chans}, H, W), got {tuple(images.shape)}"
             )
+        # A few images at a time: at batch 32 the first layers' tensors (29–77 MB each at
+        # 224×224) pass glibc malloc's largest mmap threshold, so each call maps them
+        # afresh and page-faults them in (1.4–1.6× the module's time on our CPU;
+        # docs/design.md §11). Traced, compiled and exported graphs take the whole batch
+        # at once, so that their batch size can stay dynamic.
+        (h0, w0), _, _ = self.grid_sizes(images.shape[2], images.shape[3])
+        per_chunk = max(1, TOKENS_PER_CHUNK // (h0 * w0))
+        if (
+            images.shape[0] > per_chunk
+            and not torch.jit.is_tracing()
+            and not torch.compiler.is_compiling()
+        ):
+            return torch.cat([self._tokens(chunk) for chunk in images.split(per_chunk)])
+        return self._tokens(images)
+
+    def _tokens(self, images: Tensor) -> Tensor:
+        """forward on one chunk of images."""
         batch = images.shape[0]
         (h0, w0), (h1, w1), _ = self.grid_sizes(images.shape[2], images.shape[3])
         split0, split1, split2 = SOFT_SPLITS

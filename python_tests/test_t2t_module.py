@@ -284,6 +284,48 @@ def test_module_against_reference(tokens_type, size):
     torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-10)
 
 
+@pytest.mark.parametrize("tokens_type", ["performer", "transformer"])
+def test_eager_forward_takes_the_images_a_few_at_a_time(tokens_type, monkeypatch):
+    """Chunks of TOKENS_PER_CHUNK first-layer tokens (2 images of 8×8 tokens here), with
+    the outputs and gradients of the whole batch at once; traced graphs take the batch
+    whole."""
+    module = t2t.TokensToToken(img_size=32, tokens_type=tokens_type, token_dim=8, embed_dim=16)
+    module = _randomise(module).double()
+    images = torch.randn(5, 3, 32, 32, dtype=torch.float64, requires_grad=True)
+    chunks = []
+    tokens = module._tokens
+    monkeypatch.setattr(module, "_tokens", lambda x: chunks.append(len(x)) or tokens(x))
+    grad_out = torch.randn(5, 4, 16, dtype=torch.float64)
+    monkeypatch.setattr(t2t, "TOKENS_PER_CHUNK", 5 * 64)
+    whole = module(images)
+    (whole_grad,) = torch.autograd.grad(whole, images, grad_out)
+    assert chunks == [5]
+    monkeypatch.setattr(t2t, "TOKENS_PER_CHUNK", 2 * 64 + 63)
+    chunked = module(images)
+    (chunked_grad,) = torch.autograd.grad(chunked, images, grad_out)
+    assert chunks == [5, 2, 2, 1]
+    torch.testing.assert_close(chunked, whole, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(chunked_grad, whole_grad, rtol=1e-12, atol=1e-12)
+    with torch.no_grad():
+        traced = torch.jit.trace(module, images.detach(), check_trace=False)
+    assert chunks[4:] == [5]
+    torch.testing.assert_close(traced(images.detach()), whole.detach(), rtol=1e-12, atol=1e-12)
+
+
+def test_export_keeps_the_batch_dynamic(monkeypatch):
+    """torch.export sees the whole batch (no chunk loop), so a dynamic batch exports and
+    runs at other sizes."""
+    monkeypatch.setattr(t2t, "TOKENS_PER_CHUNK", 64)  # one image per chunk in eager calls
+    module = _randomise(t2t.TokensToToken(img_size=32, token_dim=8, embed_dim=16)).eval()
+    images = torch.randn(3, 3, 32, 32)
+    batch = torch.export.Dim("batch", min=1, max=64)
+    program = torch.export.export(module, (images,), dynamic_shapes=({0: batch},))
+    assert not any("split" in str(node.target) for node in program.graph.nodes)
+    more = torch.randn(7, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(program.module()(more), module(more), rtol=1e-5, atol=1e-5)
+
+
 def test_performer_features_stay_float32_under_autocast():
     layer = _randomise(t2t.TokensToToken(img_size=32, token_dim=8)).attention1
     x = torch.randn(2, 64, 147)
