@@ -26,6 +26,7 @@ from torch import Tensor, nn
 
 from patchslim_ext.ops.pruned_block import (
     _pruned_mlp_reference,
+    _pruned_msa_inference_reference,
     _pruned_msa_reference,
     pruned_mlp,
     pruned_msa,
@@ -95,7 +96,7 @@ def pruned_block(
     Returns (B, N, C) (the other rows unchanged), and with ``return_attention`` the
     attention probabilities (B, H, n_keep, N). Differentiable in x and the parameters.
     """
-    kept, probs = _kept_rows(block, x, n_keep)
+    kept, probs = _kept_rows(block, x, n_keep, return_attention)
     out = kept if n_keep == x.shape[1] else torch.cat((kept, x[:, n_keep:]), dim=1)
     return (out, probs) if return_attention else out
 
@@ -103,21 +104,31 @@ def pruned_block(
 def pruned_block_(block: nn.Module, x: Tensor, n_keep: int) -> None:
     """:func:`pruned_block` written into ``x[:, :n_keep]`` in place (inference)."""
     if torch.is_autocast_enabled(x.device.type):
-        x[:, :n_keep] = _kept_rows(block, x, n_keep)[0]
+        x[:, :n_keep] = _kept_rows(block, x, n_keep, with_probs=False)[0]
         return
     torch.ops.patchslim.pruned_msa_(x, n_keep, block.attn.num_heads, *msa_arguments(block))
     torch.ops.patchslim.pruned_mlp_(x[:, :n_keep], *mlp_arguments(block))
 
 
-def _kept_rows(block: nn.Module, x: Tensor, n_keep: int) -> tuple[Tensor, Tensor]:
-    """The updated rows (B, n_keep, C) and the attention probabilities (B, H, n_keep, N)."""
+def _kept_rows(
+    block: nn.Module, x: Tensor, n_keep: int, with_probs: bool
+) -> tuple[Tensor, Tensor | None]:
+    """The updated rows (B, n_keep, C) and the attention probabilities (B, H, n_keep, N);
+    the probabilities may be None where ``with_probs`` is False."""
     heads = block.attn.num_heads
     if torch.is_autocast_enabled(x.device.type):
         # Under autocast the block runs its reference in standard ops, so that torch's own
-        # per-op policy applies (GEMMs in the low dtype; norms, softmax and residuals in
-        # float32); the fused ops would run all of it in the low dtype. Cast weights
-        # (model.to(torch.bfloat16)) run our kernels in bf16.
-        kept, probs, *_ = _pruned_msa_reference(x, n_keep, heads, *msa_arguments(block))
+        # per-op policy applies (GEMMs in the low dtype; norms and residuals in float32);
+        # the fused ops would run all of it in the low dtype. Cast weights
+        # (model.to(torch.bfloat16)) run our kernels in bf16. Without probabilities to
+        # return, attention is torch's SDPA, as in the dense model: the explicit softmax
+        # would round the logits to the low dtype first, which doubled the gradients'
+        # error against float32 on a CPU without native bf16 (AVX2 only).
+        arguments = msa_arguments(block)
+        if with_probs:
+            kept, probs, *_ = _pruned_msa_reference(x, n_keep, heads, *arguments)
+        else:
+            kept, probs = _pruned_msa_inference_reference(x, n_keep, heads, *arguments), None
         return _pruned_mlp_reference(kept, *mlp_arguments(block))[0], probs
     kept, probs = pruned_msa(x, n_keep, heads, *msa_arguments(block))
     return pruned_mlp(kept, *mlp_arguments(block)), probs

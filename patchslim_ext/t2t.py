@@ -379,14 +379,11 @@ class TokensToToken(nn.Module):
         # afresh and page-faults them in (1.4–1.6× the module's time on our CPU;
         # docs/design.md §11). Traced, compiled and exported graphs take the whole batch
         # at once, so that their batch size can stay dynamic.
-        (h0, w0), _, _ = self.grid_sizes(images.shape[2], images.shape[3])
-        per_chunk = max(1, TOKENS_PER_CHUNK // (h0 * w0))
-        if (
-            images.shape[0] > per_chunk
-            and not torch.jit.is_tracing()
-            and not torch.compiler.is_compiling()
-        ):
-            return torch.cat([self._tokens(chunk) for chunk in images.split(per_chunk)])
+        if not torch.jit.is_tracing() and not torch.compiler.is_compiling():
+            (h0, w0), _, _ = self.grid_sizes(images.shape[2], images.shape[3])
+            per_chunk = max(1, TOKENS_PER_CHUNK // (h0 * w0))
+            if images.shape[0] > per_chunk:
+                return torch.cat([self._tokens(chunk) for chunk in images.split(per_chunk)])
         return self._tokens(images)
 
     def _tokens(self, images: Tensor) -> Tensor:
