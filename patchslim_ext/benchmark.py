@@ -353,6 +353,13 @@ def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> 
     return "\n".join(lines)
 
 
+def cpu_has_native_bf16() -> bool:
+    """Whether this x86 CPU multiplies bfloat16 natively (AVX512-BF16, which every CPU
+    with AMX also has). Without it torch's bf16 GEMMs are emulated: on a 2-core AVX2 AMD
+    EPYC, DeiT-S ran 7.7x slower in bf16 than in float32 (docs/design.md §11)."""
+    return _C.detected_cpu_isa() == "avx512_bf16"
+
+
 def describe_machine(device: str | torch.device) -> str:
     """One line naming where the numbers came from."""
     device = torch.device(device)

@@ -30,6 +30,7 @@ from patchslim_ext import _C
 from patchslim_ext.benchmark import (
     TABLE_HEADERS,
     compare,
+    cpu_has_native_bf16,
     describe_machine,
     markdown_table,
     run_benchmarks,
@@ -489,6 +490,11 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     # Timings are where threads fighting other processes for the cores hurt most: the
     # same check as before a long run (CPU threads also drive the CUDA launches).
     _start_long_run(args)
+    if device.type == "cpu" and args.dtype == "bfloat16" and not cpu_has_native_bf16():
+        logger.warning(
+            "this CPU has no native bfloat16 (AVX512-BF16 or AMX): torch emulates bf16 "
+            "GEMMs, several times slower than float32; time --dtype float32 too"
+        )
     timing = {
         "dtype": getattr(torch, args.dtype),
         "device": device,
@@ -673,6 +679,7 @@ def _cmd_info(args: argparse.Namespace) -> int:
     info.update(
         detected_cpu_isa=_C.detected_cpu_isa(),
         active_cpu_isa=cpu_isa(),
+        native_bf16=cpu_has_native_bf16(),
         torch_runtime=torch.__version__,
         cuda_available=torch.cuda.is_available(),
         threads=torch.get_num_threads(),

@@ -180,6 +180,19 @@ def test_bench_is_quiet_when_timings_agree(monkeypatch, capsys, quiet_machine):
     assert capsys.readouterr().err == ""
 
 
+@pytest.mark.parametrize("native", [False, True])
+def test_bench_warns_when_bf16_is_emulated(monkeypatch, capsys, quiet_machine, native):
+    monkeypatch.setattr(
+        commands, "run_benchmarks", lambda *args, **kwargs: [_row((0.02, 0.03, 0.01))]
+    )
+    monkeypatch.setattr(commands, "cpu_has_native_bf16", lambda: native)
+    assert main(["bench", "--dtype", "bfloat16"]) == 0
+    err = capsys.readouterr().err
+    assert ("no native bfloat16" in err) != native
+    assert main(["bench", "--dtype", "float32"]) == 0
+    assert capsys.readouterr().err == ""
+
+
 @pytest.mark.parametrize(("before", "asked"), [(2, 1), (1, 2)])
 def test_bench_times_with_the_threads_asked(monkeypatch, capsys, restore_threads, before, asked):
     """--threads, as for train/slim/finetune/eval/demo: the timings run with that many

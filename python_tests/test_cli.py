@@ -53,6 +53,7 @@ def test_info_json(capsys):
     assert main(["info", "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
     assert info["active_cpu_isa"] in ("scalar", "avx2", "avx512", "avx512_bf16")
+    assert info["native_bf16"] == torch.cpu._is_avx512_bf16_supported()
 
 
 @pytest.mark.parametrize(
