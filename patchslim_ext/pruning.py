@@ -115,22 +115,20 @@ def _kept_rows(
 ) -> tuple[Tensor, Tensor | None]:
     """The updated rows (B, n_keep, C) and the attention probabilities (B, H, n_keep, N);
     the probabilities may be None where ``with_probs`` is False."""
-    heads = block.attn.num_heads
+    heads, arguments = block.attn.num_heads, msa_arguments(block)
     if torch.is_autocast_enabled(x.device.type):
         # Under autocast the block runs its reference in standard ops, so that torch's own
         # per-op policy applies (GEMMs in the low dtype; norms and residuals in float32);
         # the fused ops would run all of it in the low dtype. Cast weights
         # (model.to(torch.bfloat16)) run our kernels in bf16. Without probabilities to
-        # return, attention is torch's SDPA, as in the dense model: the explicit softmax
-        # would round the logits to the low dtype first, which doubled the gradients'
-        # error against float32 on a CPU without native bf16 (AVX2 only).
-        arguments = msa_arguments(block)
+        # return, attention is torch's SDPA, as in the dense model; the explicit softmax
+        # that returns them takes logits already rounded to the low dtype by the matmul.
         if with_probs:
             kept, probs, *_ = _pruned_msa_reference(x, n_keep, heads, *arguments)
         else:
             kept, probs = _pruned_msa_inference_reference(x, n_keep, heads, *arguments), None
         return _pruned_mlp_reference(kept, *mlp_arguments(block))[0], probs
-    kept, probs = pruned_msa(x, n_keep, heads, *msa_arguments(block))
+    kept, probs = pruned_msa(x, n_keep, heads, *arguments)
     return pruned_mlp(kept, *mlp_arguments(block)), probs
 
 

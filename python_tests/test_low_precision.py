@@ -70,7 +70,8 @@ def test_autocast_forward_and_backward(slimmed):
     ours.float().square().sum().backward()
     assert _error(ours, full) <= 2 * _error(plain, full) + 1e-6
     grads = {name: p.grad for name, p in model.named_parameters()}
-    assert all(g.dtype == torch.float32 for g in grads.values())
+    for name, grad in grads.items():
+        assert grad.dtype == torch.float32, name
     assert _gradient_error(grads, want) <= 2 * _gradient_error(plain_grads, want)
 
 
