@@ -1,7 +1,7 @@
-"""Whole models in low precision on CPU: bf16 weights, and torch.autocast, dense and
-slimmed. The rule: the error against the fp32 model is at most twice that of the same
-maths in plain torch at that dtype (the paper's Eq. 2 with masks on the model's own
-modules), forward and backward."""
+"""Whole models in low precision on CPU and CUDA: bf16/fp16 weights, and
+torch.autocast, dense and slimmed. The rule: the error against the fp32 model is at
+most twice that of the same maths in plain torch at that dtype (the paper's Eq. 2 with
+masks on the model's own modules), forward and backward."""
 
 from __future__ import annotations
 
@@ -9,16 +9,17 @@ import copy
 
 import pytest
 import torch
-from conftest import randomise_parameters
+from conftest import cpu_and_cuda, randomise_parameters
 from test_pruned import LAYOUTS, masked_reference, random_plan
 
 import patchslim_ext as ps
 from patchslim_ext.vit import VisionTransformer
 
 
-def _model(layout: str, seed: int = 0) -> VisionTransformer:
+def _model(layout: str, device: str, seed: int = 0) -> VisionTransformer:
     torch.manual_seed(seed)
-    return randomise_parameters(VisionTransformer(LAYOUTS[layout]), seed, scale=0.3).eval()
+    model = randomise_parameters(VisionTransformer(LAYOUTS[layout]), seed, scale=0.3)
+    return model.eval().to(device)
 
 
 def _error(got: torch.Tensor, want: torch.Tensor) -> float:
@@ -33,12 +34,13 @@ def _gradient_error(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor])
     return max(_error(got[name], grad) / grad.abs().max().item() for name, grad in want.items())
 
 
+@pytest.mark.parametrize("device", cpu_and_cuda())
 @pytest.mark.parametrize("layout", ["deit", "distilled", "deit3"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_cast_model_meets_the_low_precision_rule(layout, dtype):
-    model = _model(layout)
+def test_cast_model_meets_the_low_precision_rule(layout, dtype, device):
+    model = _model(layout, device)
     plan = random_plan(model.config, seed=3)
-    images = torch.randn(4, 2, 16, 16)
+    images = torch.randn(4, 2, 16, 16).to(device)
     with torch.no_grad():
         want = masked_reference(model, plan, images)
         low = copy.deepcopy(model).to(dtype)
@@ -48,24 +50,25 @@ def test_cast_model_meets_the_low_precision_rule(layout, dtype):
     assert _error(ours, want) <= 2 * torch_error + 1e-6
 
 
+@pytest.mark.parametrize("device", cpu_and_cuda())
 @pytest.mark.parametrize("slimmed", [False, True], ids=["dense", "slimmed"])
-def test_autocast_forward_and_backward(slimmed):
-    model = _model("deit3", seed=1).train()
+def test_autocast_forward_and_backward(slimmed, device):
+    model = _model("deit3", device, seed=1).train()
     plan = random_plan(model.config, seed=4) if slimmed else None
-    images = torch.randn(4, 2, 16, 16)
+    images = torch.randn(4, 2, 16, 16).to(device)
     # The reference: the fp32 model, and the same maths in plain torch under autocast.
     reference = masked_reference if slimmed else (lambda m, _plan, x: m(x))
     full = reference(model, plan, images)
     full.square().sum().backward()
     want = {name: p.grad.clone() for name, p in model.named_parameters()}
     model.zero_grad()
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.autocast(device, dtype=torch.bfloat16):
         plain = reference(model, plan, images)
     plain.float().square().sum().backward()
     plain_grads = {name: p.grad.clone() for name, p in model.named_parameters()}
     model.zero_grad()
     model.set_plan(plan)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.autocast(device, dtype=torch.bfloat16):
         ours = model(images)
     ours.float().square().sum().backward()
     assert _error(ours, full) <= 2 * _error(plain, full) + 1e-6
@@ -75,11 +78,12 @@ def test_autocast_forward_and_backward(slimmed):
     assert _gradient_error(grads, want) <= 2 * _gradient_error(plain_grads, want)
 
 
-def test_slimming_and_finetuning_under_autocast():
-    model = _model("deit", seed=2)
+@pytest.mark.parametrize("device", cpu_and_cuda())
+def test_slimming_and_finetuning_under_autocast(device):
+    model = _model("deit", device, seed=2)
     images = torch.randn(16, 2, 16, 16)
     data = torch.utils.data.TensorDataset(images, torch.randint(0, 5, (16,)))
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.autocast(device, dtype=torch.bfloat16):
         result = ps.slim(model, images, eps=0.05, r=4, block_epochs=1, batch_size=8, progress=False)
         logs = ps.finetune(result.model, model, data, epochs=1, batch_size=8, progress=False)
     assert result.plan.keep_counts[-1] == 1

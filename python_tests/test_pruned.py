@@ -8,7 +8,7 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import cpu_isas, randomise_parameters
+from conftest import cpu_and_cuda, cpu_isas, randomise_parameters
 
 import patchslim_ext as ps
 from patchslim_ext.vit import VisionTransformer, ViTConfig
@@ -211,15 +211,16 @@ def test_cuda_equals_cpu():
 
 
 @pytest.mark.filterwarnings("ignore:dynamo_pgo force disabled:UserWarning")
-def test_torch_compile_matches_eager(monkeypatch):
+@pytest.mark.parametrize("device", cpu_and_cuda())
+def test_torch_compile_matches_eager(monkeypatch, device):
     """Also where the environment variable CI is set (CI jobs), in which inductor refuses
     to call the kernel of an op with a decomposition in torch's global table; its caches
     off, so that the graphs are lowered here and not read from an earlier run."""
     from torch._inductor import config as inductor_config
 
     monkeypatch.setenv("CI", "1")
-    model = _model().eval().set_plan(random_plan(CONFIG, 3))
-    images = torch.randn(2, 2, 16, 16)
+    model = _model().eval().set_plan(random_plan(CONFIG, 3)).to(device)
+    images = torch.randn(2, 2, 16, 16, device=device)
     torch._dynamo.reset()
     with inductor_config.patch(force_disable_caches=True):
         compiled = torch.compile(model, fullgraph=True)

@@ -9,6 +9,10 @@
 #   PHASE  all (default): every step below; about 6-8 minutes on an H100 (estimate)
 #          test:  plan, wheels, build, pytest, memcheck, racecheck
 #          bench: plan, wheels, build, the kernel benchmarks and Table 2
+#          short: for a 15-minute lease, one call: plan, wheels, build, the CUDA
+#                 cases of the suite (-k cuda), Table 2 in bfloat16, memcheck, the
+#                 pruned-block benchmark, Table 2 in float16 (the later steps only
+#                 as far as the budget lets them)
 #   Each phase builds what it needs: on a machine still warm from the last call
 #   (30 s) the build is incremental (ninja, build/ is kept) and takes seconds.
 #
@@ -40,7 +44,7 @@
 set -uo pipefail
 
 usage() {
-  echo "usage: bash scripts/gpu_check.sh [all|test|bench] OUTDIR" >&2
+  echo "usage: bash scripts/gpu_check.sh [all|test|bench|short] OUTDIR" >&2
   exit 2
 }
 
@@ -51,7 +55,7 @@ case $# in
   2) PHASE="$1" OUTDIR="$2" ;;
   *) usage ;;
 esac
-case "$PHASE" in all | test | bench) ;; *) usage ;; esac
+case "$PHASE" in all | test | bench | short) ;; *) usage ;; esac
 [ -n "$OUTDIR" ] || usage
 
 # Paths given relative to the caller's directory stay valid after the cd below.
@@ -251,6 +255,16 @@ step_pytest() {
   return "$status"
 }
 
+# The suite's CUDA cases only (their ids hold "cuda"): the CPU cases are CI's.
+step_pytest_cuda() {
+  local logfile="$OUTDIR/pytest.log" status
+  bounded "$logfile" "$PYTHON" -m pytest python_tests -k cuda -rs -p no:cacheprovider \
+    --junitxml="$OUTDIR/junit.xml" --durations=10
+  status=$?
+  STEP_NOTE="${STEP_NOTE:+$STEP_NOTE; }$(tally "$logfile")"
+  return "$status"
+}
+
 # sanitize TOOL [EXTRA OPTIONS...]: pytest over the CUDA op tests under compute-sanitizer.
 sanitize() {
   local tool="$1" logfile="$OUTDIR/sanitizer.log" status summary
@@ -376,6 +390,13 @@ main() {
   run_step plan 60 step_plan
   run_step wheels 60 step_wheels
   run_step build 300 step_build
+  if [ "$PHASE" = short ]; then
+    run_step pytest_cuda 180 step_pytest_cuda
+    run_step table2_bfloat16 150 step_table2_bf16
+    run_step memcheck 90 step_memcheck
+    run_step bench_pruned_block 90 step_bench_blocks
+    run_step table2_float16 120 step_table2_fp16
+  fi
   if [ "$PHASE" = all ] || [ "$PHASE" = test ]; then
     run_step pytest 360 step_pytest
     run_step memcheck 150 step_memcheck

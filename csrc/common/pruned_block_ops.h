@@ -182,6 +182,11 @@ inline at::Tensor weight_grad(const at::Tensor& grad, const at::Tensor& input) {
   return at::mm(grad.reshape({-1, grad.size(-1)}).t(), input.reshape({-1, input.size(-1)}));
 }
 
+// Σ over the batch and token dims of a (B, n, K) grad: the bias's gradient, (K,). The
+// dims are named as an IntArrayRef: a braced list is ambiguous between sum's int and
+// Dimname overloads in torch 2.11's headers.
+inline at::Tensor bias_grad(const at::Tensor& grad) { return grad.sum(at::IntArrayRef{0, 1}); }
+
 // at::linear of the rows of (B, n, C) x as one (B·n, C) GEMM: (B, n, out). Given the
 // 3-D tensor, at::linear without a bias (at::matmul) folds it into a matrix only when
 // its strides allow a view, else it takes a batched GEMM that copies the weight once
@@ -327,7 +332,7 @@ pruned_msa_backward(const at::Tensor& grad_out_arg, const std::optional<at::Tens
   const auto v_heads = a.v_heads();
 
   const auto grad_proj_weight = weight_grad(grad_out, context);
-  const auto grad_proj_bias = grad_out.sum({0, 1});
+  const auto grad_proj_bias = bias_grad(grad_out);
   const auto grad_context = split_heads(at::matmul(grad_out, p.proj_weight), num_heads);
   const auto grad_v = at::matmul(probs.transpose(-2, -1), grad_context);
   auto grad_logits = at::matmul(grad_context, v_heads.transpose(-2, -1));
@@ -345,7 +350,7 @@ pruned_msa_backward(const at::Tensor& grad_out_arg, const std::optional<at::Tens
   grad_normed.narrow(1, 0, n_keep).add_(at::matmul(grad_q, p.qkv_weight.narrow(0, 0, C)));
   const auto grad_qkv_weight = at::cat(
       {weight_grad(grad_q, normed.narrow(1, 0, n_keep)), weight_grad(grad_kv, normed)}, 0);
-  const auto grad_qkv_bias = at::cat({grad_q.sum({0, 1}), grad_kv.sum({0, 1})}, 0);
+  const auto grad_qkv_bias = at::cat({bias_grad(grad_q), bias_grad(grad_kv)}, 0);
 
   auto [grad_x, grad_ln_weight, grad_ln_bias] =
       Backend::layer_norm_backward(grad_normed, x, mean, rstd, p.ln_weight);
@@ -417,11 +422,11 @@ pruned_mlp_backward(const at::Tensor& grad_out_arg, const at::Tensor& x, const M
   Backend::bias_gelu_(hidden, p.fc1_bias);
 
   const auto grad_fc2_weight = weight_grad(grad_out, hidden);
-  const auto grad_fc2_bias = grad_out.sum({0, 1});
+  const auto grad_fc2_bias = bias_grad(grad_out);
   auto grad_pre = at::matmul(grad_out, p.fc2_weight);
   Backend::bias_gelu_backward_(grad_pre, pre, p.fc1_bias);
   const auto grad_fc1_weight = weight_grad(grad_pre, normed);
-  const auto grad_fc1_bias = grad_pre.sum({0, 1});
+  const auto grad_fc1_bias = bias_grad(grad_pre);
   const auto grad_normed = at::matmul(grad_pre, p.fc1_weight);
   auto [grad_x, grad_ln_weight, grad_ln_bias] =
       Backend::layer_norm_backward(grad_normed, x, mean, rstd, p.ln_weight);
