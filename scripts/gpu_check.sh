@@ -231,7 +231,17 @@ sys.exit(None if importlib.util.find_spec("mlxtend") else "mlxtend is missing")'
 step_build() {
   local logfile="$OUTDIR/build.log" cuda=1 arch="${TORCH_CUDA_ARCH_LIST:-9.0}"
   [ "$DRY_RUN" = 1 ] && cuda=0
+  # torch's CUDA headers include cuSPARSE's, cuBLAS's and cuSOLVER's. Where the
+  # toolkit at CUDA_HOME lacks them, the pip packages torch depends on carry them
+  # (nvidia/*/include); CPATH is searched after the toolkit's own -I folder.
+  local nvidia_includes
+  nvidia_includes="$("$PYTHON" -c 'import glob, nvidia
+print(":".join(d for p in nvidia.__path__ for d in sorted(glob.glob(p + "/*/include"))))' 2>/dev/null)"
   echo "PATCHSLIM_CUDA=$cuda TORCH_CUDA_ARCH_LIST=$arch MAX_JOBS=$MAX_JOBS" >>"$logfile"
+  if [ -n "$nvidia_includes" ]; then
+    export CPATH="$nvidia_includes${CPATH:+:$CPATH}"
+    echo "CPATH=$CPATH" >>"$logfile"
+  fi
   PATCHSLIM_CUDA=$cuda TORCH_CUDA_ARCH_LIST="$arch" \
     bounded "$logfile" "$PYTHON" setup.py build_ext --inplace --force || return 1
   echo "--- patchslim info" >>"$logfile"
