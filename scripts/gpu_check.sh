@@ -10,9 +10,9 @@
 #          test:  plan, wheels, build, pytest, memcheck, racecheck
 #          bench: plan, wheels, build, the kernel benchmarks and Table 2
 #          short: for a 15-minute lease, one call: plan, wheels, build, the CUDA
-#                 cases of the suite (-k cuda), Table 2 in bfloat16, memcheck, the
-#                 pruned-block benchmark, Table 2 in float16 (the later steps only
-#                 as far as the budget lets them)
+#                 cases of the suite (-k cuda), Table 2 in bfloat16, the pruned-block
+#                 benchmark, memcheck, Table 2 in float16 (the later steps only as
+#                 far as the budget lets them)
 #   Each phase builds what it needs: on a machine still warm from the last call
 #   (30 s) the build is incremental (ninja, build/ is kept) and takes seconds.
 #
@@ -402,10 +402,10 @@ main() {
   run_step build 300 step_build
   if [ "$PHASE" = short ]; then
     run_step pytest_cuda 180 step_pytest_cuda
-    run_step table2_bfloat16 150 step_table2_bf16
-    run_step memcheck 90 step_memcheck
+    run_step table2_bfloat16 200 step_table2_bf16
     run_step bench_pruned_block 90 step_bench_blocks
-    run_step table2_float16 120 step_table2_fp16
+    run_step memcheck 90 step_memcheck
+    run_step table2_float16 200 step_table2_fp16
   fi
   if [ "$PHASE" = all ] || [ "$PHASE" = test ]; then
     run_step pytest 360 step_pytest
