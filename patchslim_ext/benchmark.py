@@ -76,11 +76,20 @@ def pyramid_plan(config: ViTConfig, flop_reduction: float) -> SlimPlan:
     return SlimPlan(torch.arange(tokens), counts(best), prefix)
 
 
-def torch_slimmed_forward(model: VisionTransformer, plan: SlimPlan, images: Tensor) -> Tensor:
+def torch_slimmed_forward(
+    model: VisionTransformer,
+    plan: SlimPlan,
+    images: Tensor,
+    *,
+    token_order: Tensor | None = None,
+) -> Tensor:
     """The slimmed model's logits through the references of our in-place ops (slices,
     ``F.linear``, ``F.layer_norm``, SDPA): the same maths in plain torch, the baseline of
-    our ops. For inference (under ``torch.no_grad()``)."""
-    x = model.embed(images).index_select(1, plan.token_order.to(images.device))
+    our ops. For inference (under ``torch.no_grad()``). ``token_order``: the plan's,
+    already on the images' device (a CUDA graph cannot capture the copy there)."""
+    if token_order is None:
+        token_order = plan.token_order.to(images.device)
+    x = model.embed(images).index_select(1, token_order)
     for block, n_keep in zip(model.blocks, plan.keep_counts, strict=True):
         _pruned_msa_inplace_reference(x, n_keep, block.attn.num_heads, *msa_arguments(block))
         _pruned_mlp_inplace_reference(x[:, :n_keep], *mlp_arguments(block))
@@ -268,10 +277,13 @@ def compare(
     with torch.no_grad():
         dense_flops = count_flops(model, (probe,))
         slim_flops = count_flops(slimmed, (probe,))
+    token_order = plan.token_order.to(device)
     forwards: dict[str, Callable[[Tensor], Tensor]] = {
         "dense": model,
         "slim": slimmed,
-        "torch_slim": lambda images: torch_slimmed_forward(model, plan, images),
+        "torch_slim": lambda images: torch_slimmed_forward(
+            model, plan, images, token_order=token_order
+        ),
     }
     if cuda_graphs:
         forwards = {key: cuda_graph_forward(fn, batches[0]) for key, fn in forwards.items()}

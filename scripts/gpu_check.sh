@@ -85,7 +85,7 @@ export PYTHONPATH="$SITE:$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 # Bench scripts write their result files here instead of the committed bench/results.
 export PATCHSLIM_BENCH_RESULTS="$WORK/bench"
 
-# The CUDA op tests that run under compute-sanitizer (12 cases today); opcheck is left
+# The CUDA op tests that run under compute-sanitizer (19 cases today); opcheck is left
 # out: it re-runs the ops through fake tensors and AOT tracing, slow under the
 # sanitizer and adding no new kernel launches.
 SANITIZE_TESTS=(python_tests/test_prefix_layer_norm.py python_tests/test_pruned.py
