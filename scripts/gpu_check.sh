@@ -8,11 +8,11 @@
 #
 #   PHASE  all (default): every step below; about 6-8 minutes on an H100 (estimate)
 #          test:  plan, wheels, build, pytest, memcheck, racecheck
-#          bench: plan, wheels, build, the kernel benchmarks and Table 2
+#          bench: plan, wheels, build, the kernel benchmarks, the profile, Table 2
 #          short: for a 15-minute lease, one call: plan, wheels, build, the CUDA
-#                 cases of the suite (-k cuda), Table 2 in bfloat16, the pruned-block
-#                 benchmark, memcheck, Table 2 in float16 (the later steps only as
-#                 far as the budget lets them)
+#                 cases of the suite (-k cuda), Table 2 in bfloat16, the kernel
+#                 profile of two models, the pruned-block benchmark, memcheck, Table 2
+#                 in float16 (the later steps only as far as the budget lets them)
 #   Each phase builds what it needs: on a machine still warm from the last call
 #   (30 s) the build is incremental (ninja, build/ is kept) and takes seconds.
 #
@@ -317,8 +317,8 @@ step_racecheck() {
 
 # Pruned blocks (ours vs the torch compositions), and the Eq. 13 chains.
 step_bench_blocks() {
-  local args=(--device cuda --dtype bfloat16 --batch 256 --min-run-time 0.3)
-  [ "$DRY_RUN" = 1 ] && args=(--device cpu --batch 2 --ratios 1.0 0.5 --min-run-time 0.02)
+  local args=(--device cuda --dtypes bfloat16 --batch 256 --min-run-time 0.3)
+  [ "$DRY_RUN" = 1 ] && args=(--device cpu --dtypes float32 --batch 2 --ratios 1.0 0.5 --min-run-time 0.02)
   bounded "$WORK/bench_pruned_block.log" "$PYTHON" bench/bench_pruned_block.py "${args[@]}" &&
     STEP_NOTE="${args[*]}: bench.md § pruned_block_${args[1]}"
 }
@@ -328,6 +328,15 @@ step_bench_scoring() {
   [ "$DRY_RUN" = 1 ] && args=(--device cpu --batch 2 --blocks 9 --min-run-time 0.02)
   bounded "$WORK/bench_scoring.log" "$PYTHON" bench/bench_scoring.py "${args[@]}" &&
     STEP_NOTE="${args[*]}: bench.md § scoring_${args[1]}"
+}
+
+# Where the time of dense and slimmed DeiT-B and DeiT-Ti goes, kernel by kernel.
+step_profile() {
+  local args=(--device cuda --dtype bfloat16 --batch 256)
+  [ "$DRY_RUN" = 1 ] && args=(--device cpu --dtype float32 --batch 1 --calls 2)
+  bounded "$WORK/profile_models.log" "$PYTHON" bench/profile_models.py "${args[@]}" \
+    --models deit_base_patch16_224 deit_tiny_patch16_224 &&
+    STEP_NOTE="${args[*]}: bench.md § profile_*"
 }
 
 # table2 DTYPE: the paper's Table 2 through `patchslim bench`, batch 256, 1024 and 1
@@ -403,6 +412,7 @@ main() {
   if [ "$PHASE" = short ]; then
     run_step pytest_cuda 180 step_pytest_cuda
     run_step table2_bfloat16 200 step_table2_bf16
+    run_step profile 60 step_profile
     run_step bench_pruned_block 90 step_bench_blocks
     run_step memcheck 90 step_memcheck
     run_step table2_float16 200 step_table2_fp16
@@ -415,6 +425,7 @@ main() {
   if [ "$PHASE" = all ] || [ "$PHASE" = bench ]; then
     run_step bench_pruned_block 120 step_bench_blocks
     run_step bench_scoring 90 step_bench_scoring
+    run_step profile 60 step_profile
     run_step table2_bfloat16 150 step_table2_bf16
     run_step table2_float16 150 step_table2_fp16
   fi
