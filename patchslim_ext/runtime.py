@@ -1,7 +1,7 @@
 """Where the work runs: the ``torchrun`` process group and the CPU threads.
 
 Training, fine-tuning, slimming and evaluation run in one process or under ``torchrun``
-(gloo on CPU, nccl with CUDA); :func:`init_distributed` joins the group that
+(gloo on CPU, nccl on CUDA); :func:`init_distributed` joins the group that
 ``torchrun`` describes and :func:`process_group` tells every caller where it stands.
 
 On a shared machine OpenMP threads spin-wait against other processes, and a run with
@@ -28,17 +28,20 @@ def process_group() -> tuple[int, int]:
     return 0, 1
 
 
-def init_distributed() -> bool:
-    """Join the process group ``torchrun`` describes (gloo on CPU, nccl with CUDA).
+def init_distributed(device: str | torch.device = "cpu") -> bool:
+    """Join the process group ``torchrun`` describes, for work on ``device``: gloo for
+    the CPU, nccl for CUDA (each process then takes GPU ``LOCAL_RANK``). The backend
+    follows where the tensors are, not what the machine has: on a GPU machine a model
+    kept on the CPU needs gloo, which nccl cannot stand in for.
 
     Returns False (and does nothing) when not started by ``torchrun``.
     """
     if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
         return False
     if not dist.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        dist.init_process_group(backend)
-        if backend == "nccl":
+        cuda = torch.device(device).type == "cuda"
+        dist.init_process_group("nccl" if cuda else "gloo")
+        if cuda:
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
     return True
 

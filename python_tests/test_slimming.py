@@ -16,7 +16,7 @@ import torch
 from torch.utils.data import TensorDataset
 
 import patchslim_ext as ps
-from patchslim_ext import slimming
+from patchslim_ext import runtime, slimming
 from patchslim_ext.data import load_digits
 from patchslim_ext.slimming import STATE_FILE, slim, uniform_keep_counts
 from patchslim_ext.training import evaluate, finetune, train
@@ -378,3 +378,29 @@ def test_in_slim_scores_equal_path_enumeration(tiny_model, digits_slice, monkeyp
             error = (got_original.double() - want).abs().max() / want.abs().max()
             assert error < 1e-4, (block, error.item())
     assert sorted(recorded) == [0, 1, 2]
+
+
+@pytest.mark.parametrize(
+    ("device", "backend"), [("cpu", "gloo"), ("cuda", "nccl"), (torch.device("cuda:0"), "nccl")]
+)
+def test_init_distributed_picks_the_backend_of_the_device(monkeypatch, device, backend):
+    """The backend follows where the tensors are, not what the machine has: a model kept
+    on the CPU of a GPU machine needs gloo."""
+    joined, devices = [], []
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(runtime.dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(runtime.dist, "init_process_group", joined.append)
+    monkeypatch.setattr(torch.cuda, "set_device", devices.append)
+    assert runtime.init_distributed(device)
+    assert joined == [backend]
+    assert devices == ([1] if backend == "nccl" else [])
+
+
+def test_init_distributed_outside_torchrun_does_nothing(monkeypatch):
+    monkeypatch.delenv("RANK", raising=False)
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    monkeypatch.setattr(runtime.dist, "init_process_group", pytest.fail)
+    assert not runtime.init_distributed("cuda")
