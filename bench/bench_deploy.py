@@ -36,11 +36,10 @@ from patchslim_ext.benchmark import (
     cpu_has_native_bf16,
     describe_machine,
     markdown_table,
+    paper_model,
 )
-from patchslim_ext.benchmark import pyramid_plan as make_plan
 from patchslim_ext.export import export_onnx
 from patchslim_ext.flops import flops_of
-from patchslim_ext.vit import MODEL_FACTORIES
 
 # Each engine and the dtype of the model and the images it takes.
 ENGINES = {
@@ -119,9 +118,7 @@ def run(models: list[str], batches: list[int], engines: list[str], repeats: dict
     rows = []
     with tempfile.TemporaryDirectory() as workdir:
         for name in models:
-            torch.manual_seed(0)
-            dense = MODEL_FACTORIES[name]().eval()
-            plan = make_plan(dense.config, PAPER_FLOP_REDUCTION[name])
+            dense, plan = paper_model(name)
             slimmed = copy.deepcopy(dense).set_plan(plan)
             config = dense.config
             reduction = 1 - flops_of(config, plan.keep_counts) / flops_of(config)

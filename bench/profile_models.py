@@ -25,12 +25,12 @@ sys.path.insert(0, str(Path(__file__).parent))
 from common import save
 
 from patchslim_ext.benchmark import (
-    PAPER_FLOP_REDUCTION,
+    check_paper_models,
     describe_machine,
     markdown_table,
-    pyramid_plan,
+    paper_model,
+    random_batches,
 )
-from patchslim_ext.vit import MODEL_FACTORIES
 
 
 def event_times_us(
@@ -68,18 +68,10 @@ def profile_rows(
 ) -> tuple[list[dict[str, object]], float, float]:
     """The ``top`` events by the larger of the two models' times, and each model's
     total (µs per forward)."""
-    torch.manual_seed(0)
-    dense = MODEL_FACTORIES[name]().to(device, dtype).eval()
-    plan = pyramid_plan(dense.config, PAPER_FLOP_REDUCTION[name])
+    dense, plan = paper_model(name)
+    dense = dense.to(device, dtype)
     slimmed = copy.deepcopy(dense).set_plan(plan)
-    generator = torch.Generator(device).manual_seed(0)
-    config = dense.config
-    images = torch.randn(
-        (batch, config.in_chans, config.img_size, config.img_size),
-        generator=generator,
-        device=device,
-        dtype=dtype,
-    )
+    images = random_batches(dense.config, batch, 1, device=device, dtype=dtype)[0]
     dense_us = event_times_us(dense, images, calls)
     slim_us = event_times_us(slimmed, images, calls)
     names = sorted(
@@ -102,11 +94,10 @@ def main() -> None:
     parser.add_argument("--calls", type=int, default=10, help="profiled forwards per model")
     parser.add_argument("--top", type=int, default=25, help="events shown per model")
     args = parser.parse_args()
-    unknown = sorted(set(args.models) - set(PAPER_FLOP_REDUCTION))
-    if unknown:
-        parser.error(
-            f"no paper plan for {unknown[0]!r}; choose from {sorted(PAPER_FLOP_REDUCTION)}"
-        )
+    try:
+        check_paper_models(args.models)
+    except ValueError as error:
+        parser.error(str(error))
     dtype = getattr(torch, args.dtype)
     what = (
         "GPU kernels, device time" if args.device.startswith("cuda") else "operators, CPU self time"

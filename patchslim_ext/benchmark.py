@@ -265,14 +265,7 @@ def compare(
     config = model.config
     model = model.to(device, dtype).eval()
     slimmed = copy.deepcopy(model).set_plan(plan)
-    # Drawn where they are used: on a GPU machine's few, shared cores, drawing the
-    # batches of 1,024 images on the CPU took longer than timing the models.
-    generator = torch.Generator(device).manual_seed(0)
-    shape = (batch, config.in_chans, config.img_size, config.img_size)
-    batches = [
-        torch.randn(shape, generator=generator, device=device, dtype=dtype)
-        for _ in range(_ROTATING_BATCHES)
-    ]
+    batches = random_batches(config, batch, _ROTATING_BATCHES, device=device, dtype=dtype)
     probe = batches[0][:1]
     with torch.no_grad():
         dense_flops = count_flops(model, (probe,))
@@ -417,39 +410,71 @@ def run_benchmarks(
     """:func:`compare` for each model (random weights, seed 0) with its
     :func:`pyramid_plan` at the paper's FLOP reduction, at each batch size; with
     ``cuda_graphs``, batch 1 is also timed replayed from CUDA graphs."""
-    unknown = sorted(set(models) - set(PAPER_FLOP_REDUCTION))
+    check_paper_models(models)
+    jobs = timing_jobs(batches, cuda_graphs)
+    rows = []
+    # A bar on a terminal only (disable=None): in a log every redraw stays, and tqdm
+    # draws the finished bar twice (last update, then close).
+    with tqdm(
+        total=len(models) * len(jobs), desc="bench", disable=None if progress else True, unit="row"
+    ) as bar:
+        for name in models:
+            # Built once for all its rows: compare leaves the weights as they are.
+            model, plan = paper_model(name)
+            for batch, graphs in jobs:
+                rows.append(
+                    compare(
+                        name,
+                        model,
+                        plan,
+                        batch=batch,
+                        dtype=dtype,
+                        device=device,
+                        repeats=repeats,
+                        cuda_graphs=graphs,
+                    )
+                )
+                bar.update()
+    return rows
+
+
+def timing_jobs(batches: Sequence[int], cuda_graphs: bool) -> list[tuple[int, bool]]:
+    """(batch, replayed from CUDA graphs) for each row of one model: every batch size,
+    and with ``cuda_graphs`` batch 1 once more, from CUDA graphs."""
+    return [(batch, False) for batch in batches] + ([(1, True)] if cuda_graphs else [])
+
+
+def check_paper_models(names: Sequence[str]) -> None:
+    """Raise ``ValueError`` naming the first of ``names`` without a paper plan."""
+    unknown = sorted(set(names) - set(PAPER_FLOP_REDUCTION))
     if unknown:
         raise ValueError(
             f"no paper plan for {unknown[0]!r}; choose from {sorted(PAPER_FLOP_REDUCTION)}"
         )
-    # A model's rows are consecutive, so each model is built once (compare leaves its
-    # weights as they are).
-    jobs = []
-    for name in models:
-        jobs += [(name, batch, False) for batch in batches]
-        if cuda_graphs:
-            jobs.append((name, 1, True))
-    rows = []
-    built: tuple[str, VisionTransformer, SlimPlan] | None = None
-    # A bar on a terminal only (disable=None): in a log every redraw stays, and tqdm
-    # draws the finished bar twice (last update, then close).
-    bar = tqdm(jobs, desc="bench", disable=None if progress else True, unit="row")
-    for name, batch, graphs in bar:
-        if built is None or built[0] != name:
-            torch.manual_seed(0)
-            model = MODEL_FACTORIES[name]()
-            built = name, model, pyramid_plan(model.config, PAPER_FLOP_REDUCTION[name])
-        _, model, plan = built
-        rows.append(
-            compare(
-                name,
-                model,
-                plan,
-                batch=batch,
-                dtype=dtype,
-                device=device,
-                repeats=repeats,
-                cuda_graphs=graphs,
-            )
-        )
-    return rows
+
+
+def paper_model(name: str) -> tuple[VisionTransformer, SlimPlan]:
+    """The dense model ``name`` with random weights (seed 0), on the CPU in float32, and
+    its :func:`pyramid_plan` at the paper's FLOP reduction."""
+    check_paper_models([name])
+    torch.manual_seed(0)
+    model = MODEL_FACTORIES[name]().eval()
+    return model, pyramid_plan(model.config, PAPER_FLOP_REDUCTION[name])
+
+
+def random_batches(
+    config: ViTConfig,
+    batch: int,
+    count: int,
+    *,
+    device: str | torch.device,
+    dtype: torch.dtype,
+) -> list[Tensor]:
+    """``count`` batches of random images (batch, in_chans, H, W), seed 0. Drawn where
+    they are used: on a GPU machine's few, shared cores, drawing batches of 1,024 images
+    on the CPU took longer than timing the models."""
+    generator = torch.Generator(device).manual_seed(0)
+    shape = (batch, config.in_chans, config.img_size, config.img_size)
+    return [
+        torch.randn(shape, generator=generator, device=device, dtype=dtype) for _ in range(count)
+    ]

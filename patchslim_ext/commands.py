@@ -35,6 +35,7 @@ from patchslim_ext.benchmark import (
     markdown_table,
     run_benchmarks,
     table_row,
+    timing_jobs,
 )
 from patchslim_ext.checkpoint import load_model, save_model
 from patchslim_ext.data import DIGITS_CLASSES, ImageFolder, load_dataset
@@ -514,10 +515,9 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         if plan is None:
             raise UsageError(f"--checkpoint {args.checkpoint} is not slimmed (patchslim slim)")
         model.set_plan(None)
-        jobs = [(batch, False) for batch in args.batch] + [(1, True)] * args.cuda_graphs
         rows = [
             compare(str(args.checkpoint), model, plan, batch=batch, cuda_graphs=graphs, **timing)
-            for batch, graphs in jobs
+            for batch, graphs in timing_jobs(args.batch, args.cuda_graphs)
         ]
     records = [row.to_dict() for row in rows]
     table = markdown_table(TABLE_HEADERS, [table_row(row) for row in rows])
