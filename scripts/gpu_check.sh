@@ -255,25 +255,21 @@ print(":".join(d for p in nvidia.__path__ for d in sorted(glob.glob(p + "/*/incl
   return 0
 }
 
-# The whole suite; the CUDA cases enable themselves when torch sees the GPU.
-step_pytest() {
+# suite [PYTEST OPTIONS...]: the test suite, into pytest.log and junit.xml.
+suite() {
   local logfile="$OUTDIR/pytest.log" status
   bounded "$logfile" "$PYTHON" -m pytest python_tests -rs -p no:cacheprovider \
-    --junitxml="$OUTDIR/junit.xml" --durations=15
+    --junitxml="$OUTDIR/junit.xml" "$@"
   status=$?
   STEP_NOTE="${STEP_NOTE:+$STEP_NOTE; }$(tally "$logfile")"
   return "$status"
 }
 
+# The whole suite; the CUDA cases enable themselves when torch sees the GPU.
+step_pytest() { suite --durations=15; }
+
 # The suite's CUDA cases only (their ids hold "cuda"): the CPU cases are CI's.
-step_pytest_cuda() {
-  local logfile="$OUTDIR/pytest.log" status
-  bounded "$logfile" "$PYTHON" -m pytest python_tests -k cuda -rs -p no:cacheprovider \
-    --junitxml="$OUTDIR/junit.xml" --durations=10
-  status=$?
-  STEP_NOTE="${STEP_NOTE:+$STEP_NOTE; }$(tally "$logfile")"
-  return "$status"
-}
+step_pytest_cuda() { suite -k cuda --durations=10; }
 
 # sanitize TOOL [EXTRA OPTIONS...]: pytest over the CUDA op tests under compute-sanitizer.
 sanitize() {
