@@ -3,6 +3,8 @@ against their plain-torch references: numerics, options, autograd, opcheck, bad 
 
 from __future__ import annotations
 
+from functools import partial
+
 import pytest
 import torch
 from conftest import cpu_and_cuda, cpu_isas
@@ -762,6 +764,86 @@ def test_low_precision_within_twice_plain_torch(dtype, cpu_isa_env):
         torch.ops.patchslim.pruned_mlp_(updated, *mlp, EPS)
         _pruned_mlp_inplace_reference(plain, *mlp, EPS)
         _assert_within_twice_plain_torch([updated], [plain], want[:1], f"{isa} mlp_")
+
+
+def _one_element_past_alignment(t: torch.Tensor) -> torch.Tensor:
+    """A copy of t whose data starts one element past its allocation: no row is 16-byte
+    aligned."""
+    storage = torch.empty(t.numel() + 1, dtype=t.dtype, device=t.device)
+    return storage[1:].view(t.shape).copy_(t)
+
+
+# (channels, hidden, misaligned x). The row kernels take 16 bytes at a time where every
+# row they touch is aligned to it (CUDA: all of them; the CPU's own vector loads do not
+# need it), else one element: widths that are not a whole number of 16-byte packs in
+# bfloat16 (30, 50) or in either dtype (50), and an x that starts off alignment.
+ROW_LAYOUTS = {
+    "aligned": (48, 40, False),
+    "odd_widths": (30, 50, False),
+    "misaligned_x": (48, 40, True),
+}
+
+
+@pytest.mark.parametrize("device", cpu_and_cuda())
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("layout", ROW_LAYOUTS)
+def test_ops_on_aligned_and_unaligned_rows(device, dtype, layout):
+    """Forward, backward and in place, every row kernel's vector and element paths are
+    within twice plain torch's error against float64 (with a floor of 1e-5 of each
+    result's scale for float32, where both are rounding noise). The errors are the
+    largest over all outputs and gradients, each relative to its scale: per tensor, the
+    ratio of two bfloat16 errors is too noisy for the rule."""
+    channels, hidden, misaligned = ROW_LAYOUTS[layout]
+    n_keep = 20
+    x, msa, mlp = _block_inputs(
+        torch.float64, device, tokens=37, channels=channels, hidden=hidden, seed=channels
+    )
+    grads = [torch.randn(2, n_keep, channels, dtype=torch.float64, device=device) for _ in "ab"]
+
+    def x_in(dtype):
+        copy = x.to(dtype, copy=True)
+        return _one_element_past_alignment(copy) if misaligned else copy
+
+    def results(dtype, msa_fn, mlp_fn, msa_inplace_fn, mlp_inplace_fn):
+        params = [t.to(dtype, copy=True) for t in (*msa, *mlp)]
+        leaves = [x_in(dtype).requires_grad_(), *(t.requires_grad_() for t in params)]
+        out, attn = msa_fn(leaves[0], leaves[1:7])
+        mlp_out = mlp_fn(leaves[0][:, :n_keep], leaves[7:])
+        loss = (out * grads[0].to(dtype)).sum() + (mlp_out * grads[1].to(dtype)).sum()
+        gradients = torch.autograd.grad(loss + attn.square().sum(), leaves)
+        updated = x_in(dtype)
+        with torch.no_grad():
+            msa_inplace_fn(updated, params[:6])
+            mlp_inplace_fn(updated[:, :n_keep], params[6:])
+        return [out, attn, mlp_out, *gradients, updated]
+
+    ours = partial(
+        results,
+        msa_fn=lambda x, p: pruned_msa(x, n_keep, 3, *p, EPS),
+        mlp_fn=lambda x, p: pruned_mlp(x, *p, EPS),
+        msa_inplace_fn=lambda x, p: torch.ops.patchslim.pruned_msa_(x, n_keep, 3, *p, EPS),
+        mlp_inplace_fn=lambda x, p: torch.ops.patchslim.pruned_mlp_(x, *p, EPS),
+    )
+    plain = partial(
+        results,
+        msa_fn=lambda x, p: _pruned_msa_reference(x, n_keep, 3, *p, EPS)[:2],
+        mlp_fn=lambda x, p: _pruned_mlp_reference(x, *p, EPS)[0],
+        msa_inplace_fn=lambda x, p: _pruned_msa_inplace_reference(x, n_keep, 3, *p, EPS),
+        mlp_inplace_fn=lambda x, p: _pruned_mlp_inplace_reference(x, *p, EPS),
+    )
+    want = plain(torch.float64)
+
+    def error(got):
+        return max(
+            (g.double() - w).abs().max().item() / w.abs().max().item()
+            for g, w in zip(got, want, strict=True)
+        )
+
+    floor = 1e-5 if dtype == torch.float32 else 0.0
+    our_error, torch_error = error(ours(dtype)), error(plain(dtype))
+    assert our_error <= max(2 * torch_error, floor), (
+        f"{layout} {dtype}: error {our_error:.3g} > 2 x plain torch's {torch_error:.3g}"
+    )
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])

@@ -10,9 +10,9 @@
 #          test:  plan, wheels, build, pytest, memcheck, racecheck
 #          bench: plan, wheels, build, the kernel benchmarks, the profile, Table 2
 #          short: for a 15-minute lease, one call: plan, wheels, build, the CUDA
-#                 cases of the suite (-k cuda), Table 2 in bfloat16, the kernel
-#                 profile of two models, the pruned-block benchmark, memcheck, Table 2
-#                 in float16 (the later steps only as far as the budget lets them)
+#                 cases of the suite (-k cuda), memcheck, the pruned-block benchmark,
+#                 the kernel profile of two models, Table 2 in bfloat16, then in
+#                 float16 (the later steps only as far as the budget lets them)
 #   Each phase builds what it needs: on a machine still warm from the last call
 #   (30 s) the build is incremental (ninja, build/ is kept) and takes seconds.
 #
@@ -176,7 +176,7 @@ dry_skip() {
 
 # The one-line plan, and the machine's description in env.txt.
 step_plan() {
-  local env="$WORK/env.txt" torch_line nvcc sanitizer
+  local env="$WORK/env.txt" torch_line nvcc sanitizer cpu cpu_flags
   torch_line="$("$PYTHON" - 2>>"$env" <<'EOF'
 import sys, torch
 gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
@@ -186,7 +186,11 @@ EOF
   nvcc="$(nvcc --version 2>/dev/null | sed -n 's/.*release \([0-9.]*\).*/nvcc \1/p')"
   if command -v compute-sanitizer >/dev/null; then sanitizer="compute-sanitizer present"; else
     sanitizer="no compute-sanitizer"; fi
-  PLAN_LINE="phase $PHASE$([ "$DRY_RUN" = 1 ] && echo ' (DRY RUN)'); $torch_line; ${nvcc:-no nvcc}; $sanitizer; $(nproc) cores, MAX_JOBS=$MAX_JOBS; budget ${BUDGET}s"
+  # The host CPU too: whether it has native bf16 (AMX, AVX512-BF16) says whether the
+  # CPU benchmarks (bench/bench_deploy.py) could be run there.
+  cpu="$(sed -n 's/^model name[[:space:]]*: //p' /proc/cpuinfo | head -n 1)"
+  cpu_flags="$(grep -m 1 -oE 'amx_bf16|avx512_bf16|avx512f|avx2' /proc/cpuinfo | sort -u | tr '\n' ' ')"
+  PLAN_LINE="phase $PHASE$([ "$DRY_RUN" = 1 ] && echo ' (DRY RUN)'); $torch_line; ${nvcc:-no nvcc}; $sanitizer; $(nproc) cores (${cpu:-unknown CPU}; ${cpu_flags% }), MAX_JOBS=$MAX_JOBS; budget ${BUDGET}s"
   log "plan: $PLAN_LINE"
   {
     echo "$PLAN_LINE"
@@ -407,10 +411,10 @@ main() {
   run_step build 300 step_build
   if [ "$PHASE" = short ]; then
     run_step pytest_cuda 180 step_pytest_cuda
-    run_step table2_bfloat16 200 step_table2_bf16
-    run_step profile 60 step_profile
-    run_step bench_pruned_block 90 step_bench_blocks
     run_step memcheck 90 step_memcheck
+    run_step bench_pruned_block 90 step_bench_blocks
+    run_step profile 60 step_profile
+    run_step table2_bfloat16 200 step_table2_bf16
     run_step table2_float16 200 step_table2_fp16
   fi
   if [ "$PHASE" = all ] || [ "$PHASE" = test ]; then

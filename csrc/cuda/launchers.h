@@ -23,12 +23,18 @@ cudaError_t prefix_layer_norm_forward(RowView<const T> input, T* output, float* 
                                       const T* weight, const T* bias, int64_t rows, int64_t channels,
                                       float eps, cudaStream_t stream);
 
-// grad_weight and grad_bias are float32 (channels,); the caller casts them.
+// grad_weight and grad_bias are float32 (channels,); the caller casts them. scratch
+// holds prefix_layer_norm_backward_scratch(rows, channels) float32 elements.
 template <typename T>
 cudaError_t prefix_layer_norm_backward(const T* grad_output, RowView<const T> input,
                                        const float* mean, const float* rstd, const T* weight,
                                        RowView<T> grad_input, float* grad_weight, float* grad_bias,
-                                       int64_t rows, int64_t channels, cudaStream_t stream);
+                                       float* scratch, int64_t rows, int64_t channels,
+                                       cudaStream_t stream);
+
+// Elements of the float32 scratch prefix_layer_norm_backward takes: the per-split
+// partial column sums of the weight and bias gradients.
+int64_t prefix_layer_norm_backward_scratch(int64_t rows, int64_t channels);
 
 // out[b, i] = Σ_k x[b, k, i] · y[b, k, i]; x, y (B, K, N) with a contiguous last dim,
 // out (B, N) contiguous. float32.

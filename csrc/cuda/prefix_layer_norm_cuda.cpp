@@ -82,6 +82,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> prefix_layer_norm_backward_cuda(
     const auto mean = mean_arg.contiguous();
     const auto rstd = rstd_arg.contiguous();
     const auto weight = weight_arg.contiguous();
+    const auto scratch = at::empty({prefix_layer_norm_backward_scratch(rows, C)},
+                                   input_arg.options().dtype(at::kFloat));
     const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
     dispatch_cuda_dtype(input.scalar_type(), "prefix_layer_norm_backward", [&](auto torch_t, auto cuda_t) {
       using TorchT = decltype(torch_t);
@@ -93,7 +95,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> prefix_layer_norm_backward_cuda(
                        reinterpret_cast<const CudaT*>(weight.const_data_ptr<TorchT>()),
                        row_view<CudaT>(grad_input.mutable_data_ptr<TorchT>(), grad_input, n_rows),
                        grad_weight.mutable_data_ptr<float>(), grad_bias.mutable_data_ptr<float>(),
-                       rows, C, stream),
+                       scratch.mutable_data_ptr<float>(), rows, C, stream),
                    "prefix_layer_norm_backward");
     });
   }

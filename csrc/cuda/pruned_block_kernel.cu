@@ -1,5 +1,5 @@
-// CUDA row kernels of the pruned block: scaled softmax and its backward (a warp
-// per row), bias+GELU and its backward, bias+residual (a thread per element).
+// CUDA row kernels of the pruned block, a warp per row: scaled softmax and its
+// backward, bias+GELU and its backward, bias+residual.
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -13,7 +13,6 @@ namespace {
 
 constexpr int kWarp = 32;
 constexpr int kRowsPerBlock = 8;
-constexpr int kThreads = 256;
 constexpr float kInvSqrt2 = 0.70710678118654752f;
 constexpr float kInvSqrt2Pi = 0.39894228040143267794f;
 
@@ -50,47 +49,71 @@ __global__ void softmax_backward_kernel(RowView<const T> probs, RowView<T> grad,
 
 __device__ __forceinline__ float normal_cdf(float x) { return 0.5f * erfcf(-x * kInvSqrt2); }
 
-template <typename T>
-__global__ void bias_gelu_kernel(RowView<T> hidden, const T* __restrict__ bias, int64_t total,
+// The element kernels below take a warp per row, each lane N consecutive elements at a
+// time (N = kPack<T>, one 16-byte access, where every row and the bias are aligned to
+// it; else 1). Row addresses are worked out once per row: per element, the 64-bit
+// divisions of RowView::row and of the column cost more than the memory traffic.
+
+template <int N, typename T>
+__global__ void bias_gelu_kernel(RowView<T> hidden, const T* __restrict__ bias, int64_t rows,
                                  int64_t cols) {
-  const int64_t i = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
-  if (i >= total) return;
-  const int64_t c = i % cols;
-  T* h = hidden.row(i / cols) + c;
-  const float x = to_float(*h) + to_float(bias[c]);
-  *h = from_float<T>(x * normal_cdf(x));
+  const int64_t r = static_cast<int64_t>(blockIdx.x) * kRowsPerBlock + threadIdx.y;
+  if (r >= rows) return;
+  T* h = hidden.row(r);
+  for (int64_t c = threadIdx.x * N; c < cols; c += kWarp * N) {
+    float x[N], b[N];
+    load_floats<N>(h + c, x);
+    load_floats<N>(bias + c, b);
+#pragma unroll
+    for (int i = 0; i < N; ++i) {
+      const float v = x[i] + b[i];
+      x[i] = v * normal_cdf(v);
+    }
+    store_floats<N>(h + c, x);
+  }
 }
 
-template <typename T>
+template <int N, typename T>
 __global__ void bias_gelu_backward_kernel(RowView<const T> pre, const T* __restrict__ bias,
-                                          RowView<T> grad, int64_t total, int64_t cols) {
-  const int64_t i = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
-  if (i >= total) return;
-  const int64_t r = i / cols;
-  const int64_t c = i % cols;
-  const float x = to_float(pre.row(r)[c]) + to_float(bias[c]);
-  const float slope = normal_cdf(x) + x * kInvSqrt2Pi * __expf(-0.5f * x * x);
-  T* g = grad.row(r) + c;
-  *g = from_float<T>(to_float(*g) * slope);
+                                          RowView<T> grad, int64_t rows, int64_t cols) {
+  const int64_t r = static_cast<int64_t>(blockIdx.x) * kRowsPerBlock + threadIdx.y;
+  if (r >= rows) return;
+  const T* p = pre.row(r);
+  T* g = grad.row(r);
+  for (int64_t c = threadIdx.x * N; c < cols; c += kWarp * N) {
+    float x[N], b[N], dy[N];
+    load_floats<N>(p + c, x);
+    load_floats<N>(bias + c, b);
+    load_floats<N>(g + c, dy);
+#pragma unroll
+    for (int i = 0; i < N; ++i) {
+      const float v = x[i] + b[i];
+      dy[i] *= normal_cdf(v) + v * kInvSqrt2Pi * __expf(-0.5f * v * v);
+    }
+    store_floats<N>(g + c, dy);
+  }
 }
 
-template <typename T>
+template <int N, typename T>
 __global__ void bias_residual_kernel(RowView<T> out, const T* __restrict__ bias,
-                                     RowView<const T> residual, int64_t total, int64_t cols) {
-  const int64_t i = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
-  if (i >= total) return;
-  const int64_t r = i / cols;
-  const int64_t c = i % cols;
-  T* o = out.row(r) + c;
-  *o = from_float<T>(to_float(*o) + to_float(bias[c]) + to_float(residual.row(r)[c]));
+                                     RowView<const T> residual, int64_t rows, int64_t cols) {
+  const int64_t r = static_cast<int64_t>(blockIdx.x) * kRowsPerBlock + threadIdx.y;
+  if (r >= rows) return;
+  T* o = out.row(r);
+  const T* res = residual.row(r);
+  for (int64_t c = threadIdx.x * N; c < cols; c += kWarp * N) {
+    float y[N], b[N], x[N];
+    load_floats<N>(o + c, y);
+    load_floats<N>(bias + c, b);
+    load_floats<N>(res + c, x);
+#pragma unroll
+    for (int i = 0; i < N; ++i) y[i] += b[i] + x[i];
+    store_floats<N>(o + c, y);
+  }
 }
 
 unsigned int row_blocks(int64_t rows) {
   return static_cast<unsigned int>((rows + kRowsPerBlock - 1) / kRowsPerBlock);
-}
-
-unsigned int element_blocks(int64_t total) {
-  return static_cast<unsigned int>((total + kThreads - 1) / kThreads);
 }
 
 }  // namespace
@@ -116,29 +139,37 @@ cudaError_t softmax_backward(RowView<const T> probs, RowView<T> grad, int64_t ro
 template <typename T>
 cudaError_t bias_gelu_forward(RowView<T> hidden, const T* bias, int64_t rows, int64_t cols,
                               cudaStream_t stream) {
-  const int64_t total = rows * cols;
-  if (total == 0) return cudaSuccess;
-  bias_gelu_kernel<T><<<element_blocks(total), kThreads, 0, stream>>>(hidden, bias, total, cols);
+  if (rows == 0 || cols == 0) return cudaSuccess;
+  with_pack_size<T>(rows_packable(hidden, cols) && aligned_16(bias), [&](auto pack) {
+    bias_gelu_kernel<decltype(pack)::value, T>
+        <<<row_blocks(rows), dim3(kWarp, kRowsPerBlock), 0, stream>>>(hidden, bias, rows, cols);
+  });
   return cudaGetLastError();
 }
 
 template <typename T>
 cudaError_t bias_gelu_backward(RowView<const T> pre, const T* bias, RowView<T> grad, int64_t rows,
                                int64_t cols, cudaStream_t stream) {
-  const int64_t total = rows * cols;
-  if (total == 0) return cudaSuccess;
-  bias_gelu_backward_kernel<T><<<element_blocks(total), kThreads, 0, stream>>>(pre, bias, grad,
-                                                                               total, cols);
+  if (rows == 0 || cols == 0) return cudaSuccess;
+  const bool packable = rows_packable(pre, cols) && rows_packable(grad, cols) && aligned_16(bias);
+  with_pack_size<T>(packable, [&](auto pack) {
+    bias_gelu_backward_kernel<decltype(pack)::value, T>
+        <<<row_blocks(rows), dim3(kWarp, kRowsPerBlock), 0, stream>>>(pre, bias, grad, rows, cols);
+  });
   return cudaGetLastError();
 }
 
 template <typename T>
 cudaError_t bias_residual(RowView<T> out, const T* bias, RowView<const T> residual, int64_t rows,
                           int64_t cols, cudaStream_t stream) {
-  const int64_t total = rows * cols;
-  if (total == 0) return cudaSuccess;
-  bias_residual_kernel<T><<<element_blocks(total), kThreads, 0, stream>>>(out, bias, residual,
-                                                                          total, cols);
+  if (rows == 0 || cols == 0) return cudaSuccess;
+  const bool packable =
+      rows_packable(out, cols) && rows_packable(residual, cols) && aligned_16(bias);
+  with_pack_size<T>(packable, [&](auto pack) {
+    bias_residual_kernel<decltype(pack)::value, T>
+        <<<row_blocks(rows), dim3(kWarp, kRowsPerBlock), 0, stream>>>(out, bias, residual, rows,
+                                                                      cols);
+  });
   return cudaGetLastError();
 }
 
