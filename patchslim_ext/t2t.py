@@ -31,8 +31,8 @@ TOKENS_TYPES = ("performer", "transformer")
 # (kernel, stride, padding) of soft_split0, soft_split1 and soft_split2.
 SOFT_SPLITS = ((7, 4, 2), (3, 2, 1), (3, 2, 1))
 
-# Eager forwards of TokensToToken take at most this many first-layer tokens at a time
-# (four 224×224 images); see TokensToToken.forward.
+# Eager forwards of TokensToToken on the CPU take at most this many first-layer tokens at
+# a time (four 224×224 images); see TokensToToken.forward.
 TOKENS_PER_CHUNK = 4 * 56 * 56
 
 
@@ -374,12 +374,19 @@ class TokensToToken(nn.Module):
             raise ValueError(
                 f"expected images of shape (B, {self.in_chans}, H, W), got {tuple(images.shape)}"
             )
-        # A few images at a time: at batch 32 the first layers' tensors (29–77 MB each at
-        # 224×224) pass glibc malloc's largest mmap threshold, so each call maps them
-        # afresh and page-faults them in (1.4–1.6× the module's time on our CPU;
-        # docs/design.md §11). Traced, compiled and exported graphs take the whole batch
-        # at once, so that their batch size can stay dynamic.
-        if not torch.jit.is_tracing() and not torch.compiler.is_compiling():
+        # A few images at a time on the CPU: at batch 32 the first layers' tensors (29–77
+        # MB each at 224×224) pass glibc malloc's largest mmap threshold, so each call maps
+        # them afresh and page-faults them in (1.4–1.6× the module's time on our CPU;
+        # docs/design.md §11). Elsewhere the whole batch: CUDA's caching allocator keeps
+        # its blocks, and chunks would multiply the kernel launches (64 loops of small
+        # kernels at batch 256, which made T2T-ViT-14 launch-bound on an H200). Traced,
+        # compiled and exported graphs take the whole batch too, so that their batch size
+        # can stay dynamic.
+        if (
+            images.device.type == "cpu"
+            and not torch.jit.is_tracing()
+            and not torch.compiler.is_compiling()
+        ):
             (h0, w0), _, _ = self.grid_sizes(images.shape[2], images.shape[3])
             per_chunk = max(1, TOKENS_PER_CHUNK // (h0 * w0))
             if images.shape[0] > per_chunk:
