@@ -13,6 +13,12 @@
 #                 cases of the suite (-k cuda), memcheck, the pruned-block benchmark,
 #                 the kernel profile of two models, Table 2 in bfloat16, then in
 #                 float16 (the later steps only as far as the budget lets them)
+#          cpu:   the CPU benchmarks on the machine's host CPU, where it has native
+#                 bf16 (the H200 machines' Xeon has AMX, which the development
+#                 machines lack): plan, wheels, build, the pruned-block benchmark and
+#                 the profile on the CPU in bf16, then bench_deploy.py one model at a
+#                 time (DeiT-Ti, DeiT-S, T2T-ViT-14, DeiT-B) as far as the budget lets
+#                 it, each pinned to PATCHSLIM_GPU_CHECK_CPU_CORES cores
 #   Each phase builds what it needs: on a machine still warm from the last call
 #   (30 s) the build is incremental (ninja, build/ is kept) and takes seconds.
 #
@@ -41,10 +47,12 @@
 #   PATCHSLIM_GPU_CHECK_SITE      the wheels' target folder (default /tmp/site; in a
 #                                 rehearsal, a temporary folder)
 #   MAX_JOBS                      parallel compile jobs (default: the number of cores)
+#   PATCHSLIM_GPU_CHECK_CPU_CORES cores (and threads) of the cpu phase's benchmarks
+#                                 (default 4: cores 0-3)
 set -uo pipefail
 
 usage() {
-  echo "usage: bash scripts/gpu_check.sh [all|test|bench|short] OUTDIR" >&2
+  echo "usage: bash scripts/gpu_check.sh [all|test|bench|short|cpu] OUTDIR" >&2
   exit 2
 }
 
@@ -55,7 +63,7 @@ case $# in
   2) PHASE="$1" OUTDIR="$2" ;;
   *) usage ;;
 esac
-case "$PHASE" in all | test | bench | short) ;; *) usage ;; esac
+case "$PHASE" in all | test | bench | short | cpu) ;; *) usage ;; esac
 [ -n "$OUTDIR" ] || usage
 
 # Paths given relative to the caller's directory stay valid after the cd below.
@@ -80,6 +88,9 @@ else
 fi
 export PYTHONUNBUFFERED=1
 export MAX_JOBS="${MAX_JOBS:-$(nproc)}"
+CPU_CORES="${PATCHSLIM_GPU_CHECK_CPU_CORES:-4}"
+# The cpu phase's benchmarks: CPU_CORES cores, one thread each.
+PINNED=(env OMP_NUM_THREADS="$CPU_CORES" taskset -c "0-$((CPU_CORES - 1))")
 # The carried wheels, then the repository itself (the extension is built in place).
 export PYTHONPATH="$SITE:$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 # Bench scripts write their result files here instead of the committed bench/results.
@@ -98,6 +109,7 @@ STEP_SECONDS=()
 STEP_NOTES=()
 PLAN_LINE=""
 FAILED=0
+NATIVE_BF16=0
 
 # ---------------------------------------------------------------- step machinery
 
@@ -200,7 +212,9 @@ EOF
     nvcc --version 2>&1 || echo "(no nvcc)"
     "$PYTHON" -m pip list 2>/dev/null | grep -iE '^(torch|numpy|pytest|hypothesis|timm|onnx|fvcore|iopath|mlxtend|expecttest|setuptools|ninja) '
   } >>"$env" 2>&1
-  if [ "$DRY_RUN" != 1 ]; then
+  NATIVE_BF16=0
+  case "$cpu_flags" in *amx_bf16* | *avx512_bf16*) NATIVE_BF16=1 ;; esac
+  if [ "$DRY_RUN" != 1 ] && [ "$PHASE" != cpu ]; then
     # Everything after this needs the GPU: say so at once if torch does not see it.
     "$PYTHON" -c 'import torch, sys; sys.exit(not torch.cuda.is_available())' || {
       STEP_NOTE="torch.cuda.is_available() is False"
@@ -358,6 +372,43 @@ table2() {
 step_table2_bf16() { table2 bfloat16; }
 step_table2_fp16() { table2 float16; }
 
+# The cpu phase: our CPU kernels where the CPU has native bf16. On a CPU without it
+# torch emulates bf16 and these numbers would say nothing about the targets.
+needs_native_bf16() {
+  if [ "$NATIVE_BF16" = 1 ] || [ "$DRY_RUN" = 1 ]; then return 0; fi
+  STEP_NOTE="this CPU has neither AMX-BF16 nor AVX512-BF16"
+  STEP_SKIPPED=1
+  return 1
+}
+
+# Pruned blocks on the CPU, ours against the torch compositions (SDPA among them).
+step_cpu_blocks() {
+  needs_native_bf16 || return 0
+  local args=(--device cpu --dtypes bfloat16 float32 --batch 32 --min-run-time 0.3)
+  [ "$DRY_RUN" = 1 ] && args=(--device cpu --dtypes float32 --batch 2 --ratios 1.0 0.5 --min-run-time 0.02)
+  bounded "$WORK/bench_pruned_block_cpu.log" "${PINNED[@]}" "$PYTHON" bench/bench_pruned_block.py \
+    "${args[@]}" && STEP_NOTE="${args[*]}, $CPU_CORES cores: bench.md § pruned_block_cpu"
+}
+
+step_cpu_profile() {
+  needs_native_bf16 || return 0
+  local args=(--device cpu --dtype bfloat16 --batch 32 --calls 5)
+  [ "$DRY_RUN" = 1 ] && args=(--device cpu --dtype float32 --batch 1 --calls 2)
+  bounded "$WORK/profile_models_cpu.log" "${PINNED[@]}" "$PYTHON" bench/profile_models.py \
+    "${args[@]}" --models deit_tiny_patch16_224 deit_small_patch16_224 &&
+    STEP_NOTE="${args[*]}, $CPU_CORES cores: bench.md § profile_*_cpu_*"
+}
+
+# bench_deploy.py for DEPLOY_MODEL alone, so that each finished model keeps its file.
+step_cpu_deploy() {
+  needs_native_bf16 || return 0
+  local args=(--models "$DEPLOY_MODEL" --batch 32 1 --repeats 6 --repeats-batch-1 15)
+  [ "$DRY_RUN" = 1 ] && args=(--models "$DEPLOY_MODEL" --batch 1 --repeats-batch-1 2)
+  bounded "$WORK/deploy_cpu_$DEPLOY_MODEL.log" "${PINNED[@]}" "$PYTHON" bench/bench_deploy.py \
+    "${args[@]}" --name "deploy_cpu_$DEPLOY_MODEL" &&
+    STEP_NOTE="${args[*]}, $CPU_CORES cores: bench.md § deploy_cpu_$DEPLOY_MODEL"
+}
+
 # ---------------------------------------------------------------- results
 
 # summary.md, bench.md/bench.json from what the benches wrote, and results.tar.gz of
@@ -416,6 +467,15 @@ main() {
     run_step profile 60 step_profile
     run_step table2_bfloat16 200 step_table2_bf16
     run_step table2_float16 200 step_table2_fp16
+  fi
+  if [ "$PHASE" = cpu ]; then
+    run_step cpu_pruned_block 150 step_cpu_blocks
+    run_step cpu_profile 90 step_cpu_profile
+    local models=(deit_tiny_patch16_224 deit_small_patch16_224 t2t_vit_14 deit_base_patch16_224)
+    [ "$DRY_RUN" = 1 ] && models=(deit_tiny_patch16_224)
+    for DEPLOY_MODEL in "${models[@]}"; do
+      run_step "deploy_cpu $DEPLOY_MODEL" 300 step_cpu_deploy
+    done
   fi
   if [ "$PHASE" = all ] || [ "$PHASE" = test ]; then
     run_step pytest 360 step_pytest
