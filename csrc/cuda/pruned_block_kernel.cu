@@ -51,8 +51,10 @@ __device__ __forceinline__ float normal_cdf(float x) { return 0.5f * erfcf(-x * 
 
 // The element kernels below take a warp per row, each lane N consecutive elements at a
 // time (N = kPack<T>, one 16-byte access, where every row and the bias are aligned to
-// it; else 1). Row addresses are worked out once per row: per element, the 64-bit
-// divisions of RowView::row and of the column cost more than the memory traffic.
+// it; else 1). Row addresses are worked out once per row. The first kernels took a
+// thread per element, four 64-bit divisions each (RowView::row and the column) and
+// 2-byte loads: with them DeiT-B's in-place block took 2.63 ms on an H200 at batch 256
+// in bf16, 1.87 ms with these (the dense block: 1.91 ms).
 
 template <int N, typename T>
 __global__ void bias_gelu_kernel(RowView<T> hidden, const T* __restrict__ bias, int64_t rows,
