@@ -70,34 +70,38 @@ __global__ void backward_input_kernel(const T* __restrict__ grad_output, RowView
   const T* x = input.row(r);
   const float mu = mean[r];
   const float rs = rstd[r];
+  // Both passes read the lane's packs of g·w and x̂ at column c.
+  const auto load = [&](int64_t c, float (&gw)[N], float (&xhat)[N]) {
+    float w[N];
+    load_floats<N>(g + c, gw);
+    load_floats<N>(weight + c, w);
+    load_floats<N>(x + c, xhat);
+#pragma unroll
+    for (int i = 0; i < N; ++i) {
+      gw[i] *= w[i];
+      xhat[i] = (xhat[i] - mu) * rs;
+    }
+  };
   float sum_gw = 0.f;
   float sum_gw_xhat = 0.f;
   for (int64_t c = threadIdx.x * N; c < C; c += kWarp * N) {
-    float gv[N], w[N], v[N];
-    load_floats<N>(g + c, gv);
-    load_floats<N>(weight + c, w);
-    load_floats<N>(x + c, v);
+    float gw[N], xhat[N];
+    load(c, gw, xhat);
 #pragma unroll
     for (int i = 0; i < N; ++i) {
-      const float gw = gv[i] * w[i];
-      sum_gw += gw;
-      sum_gw_xhat += gw * (v[i] - mu) * rs;
+      sum_gw += gw[i];
+      sum_gw_xhat += gw[i] * xhat[i];
     }
   }
   const float mean_gw = warp_sum(sum_gw) / static_cast<float>(C);
   const float mean_gw_xhat = warp_sum(sum_gw_xhat) / static_cast<float>(C);
   T* dx = grad_input.row(r);
   for (int64_t c = threadIdx.x * N; c < C; c += kWarp * N) {
-    float gv[N], w[N], v[N];
-    load_floats<N>(g + c, gv);
-    load_floats<N>(weight + c, w);
-    load_floats<N>(x + c, v);
+    float gw[N], xhat[N];
+    load(c, gw, xhat);
 #pragma unroll
-    for (int i = 0; i < N; ++i) {
-      const float xhat = (v[i] - mu) * rs;
-      v[i] = rs * (gv[i] * w[i] - mean_gw - xhat * mean_gw_xhat);
-    }
-    store_floats<N>(dx + c, v);
+    for (int i = 0; i < N; ++i) xhat[i] = rs * (gw[i] - mean_gw - xhat[i] * mean_gw_xhat);
+    store_floats<N>(dx + c, xhat);
   }
 }
 
