@@ -378,8 +378,9 @@ class TokensToToken(nn.Module):
         # MB each at 224×224) pass glibc malloc's largest mmap threshold, so each call maps
         # them afresh and page-faults them in (1.4–1.6× the module's time on our CPU;
         # docs/design.md §11). Elsewhere the whole batch: CUDA's caching allocator keeps
-        # its blocks, and chunks would multiply the kernel launches (64 loops of small
-        # kernels at batch 256, which made T2T-ViT-14 launch-bound on an H200). Traced,
+        # its blocks, and chunks would multiply the kernel launches (64 rounds of small
+        # kernels at batch 256; T2T-ViT-14 took ten times DeiT-S's time on an H200 with
+        # them, not yet measured without). Traced,
         # compiled and exported graphs take the whole batch too, so that their batch size
         # can stay dynamic.
         if (

@@ -775,8 +775,9 @@ def _one_element_past_alignment(t: torch.Tensor) -> torch.Tensor:
 
 # (channels, hidden, misaligned x). The row kernels take 16 bytes at a time where every
 # row they touch is aligned to it (CUDA: all of them; the CPU's own vector loads do not
-# need it), else one element: widths that are not a whole number of 16-byte packs in
-# bfloat16 (30, 50) or in either dtype (50), and an x that starts off alignment.
+# need it), else one element: widths that are not a whole number of 16-byte packs (4
+# float32 or 8 bfloat16 elements; 30 and 50 are neither), and an x that starts off
+# alignment.
 ROW_LAYOUTS = {
     "aligned": (48, 40, False),
     "odd_widths": (30, 50, False),

@@ -96,7 +96,7 @@ export PYTHONPATH="$SITE:$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 # Bench scripts write their result files here instead of the committed bench/results.
 export PATCHSLIM_BENCH_RESULTS="$WORK/bench"
 
-# The CUDA op tests that run under compute-sanitizer (19 cases today); opcheck is left
+# The CUDA op tests that run under compute-sanitizer (20 cases today); opcheck is left
 # out: it re-runs the ops through fake tensors and AOT tracing, slow under the
 # sanitizer and adding no new kernel launches.
 SANITIZE_TESTS=(python_tests/test_prefix_layer_norm.py python_tests/test_pruned.py
@@ -212,7 +212,6 @@ EOF
     nvcc --version 2>&1 || echo "(no nvcc)"
     "$PYTHON" -m pip list 2>/dev/null | grep -iE '^(torch|numpy|pytest|hypothesis|timm|onnx|fvcore|iopath|mlxtend|expecttest|setuptools|ninja) '
   } >>"$env" 2>&1
-  NATIVE_BF16=0
   case "$cpu_flags" in *amx_bf16* | *avx512_bf16*) NATIVE_BF16=1 ;; esac
   if [ "$DRY_RUN" != 1 ] && [ "$PHASE" != cpu ]; then
     # Everything after this needs the GPU: say so at once if torch does not see it.
@@ -329,10 +328,15 @@ step_racecheck() {
   sanitize racecheck "${filter[@]}"
 }
 
+# What the pruned-block benchmark and the profile run with in a rehearsal (GPU and cpu
+# phases alike): small, on the CPU, in float32.
+BLOCKS_REHEARSAL=(--device cpu --dtypes float32 --batch 2 --ratios 1.0 0.5 --min-run-time 0.02)
+PROFILE_REHEARSAL=(--device cpu --dtype float32 --batch 1 --calls 2)
+
 # Pruned blocks (ours vs the torch compositions), and the Eq. 13 chains.
 step_bench_blocks() {
   local args=(--device cuda --dtypes bfloat16 --batch 256 --min-run-time 0.3)
-  [ "$DRY_RUN" = 1 ] && args=(--device cpu --dtypes float32 --batch 2 --ratios 1.0 0.5 --min-run-time 0.02)
+  [ "$DRY_RUN" = 1 ] && args=("${BLOCKS_REHEARSAL[@]}")
   bounded "$WORK/bench_pruned_block.log" "$PYTHON" bench/bench_pruned_block.py "${args[@]}" &&
     STEP_NOTE="${args[*]}: bench.md § pruned_block_${args[1]}"
 }
@@ -347,7 +351,7 @@ step_bench_scoring() {
 # Where the time of dense and slimmed DeiT-B and DeiT-Ti goes, kernel by kernel.
 step_profile() {
   local args=(--device cuda --dtype bfloat16 --batch 256)
-  [ "$DRY_RUN" = 1 ] && args=(--device cpu --dtype float32 --batch 1 --calls 2)
+  [ "$DRY_RUN" = 1 ] && args=("${PROFILE_REHEARSAL[@]}")
   bounded "$WORK/profile_models.log" "$PYTHON" bench/profile_models.py "${args[@]}" \
     --models deit_base_patch16_224 deit_tiny_patch16_224 &&
     STEP_NOTE="${args[*]}: bench.md § profile_*"
@@ -385,7 +389,7 @@ needs_native_bf16() {
 step_cpu_blocks() {
   needs_native_bf16 || return 0
   local args=(--device cpu --dtypes bfloat16 float32 --batch 32 --min-run-time 0.3)
-  [ "$DRY_RUN" = 1 ] && args=(--device cpu --dtypes float32 --batch 2 --ratios 1.0 0.5 --min-run-time 0.02)
+  [ "$DRY_RUN" = 1 ] && args=("${BLOCKS_REHEARSAL[@]}")
   bounded "$WORK/bench_pruned_block_cpu.log" "${PINNED[@]}" "$PYTHON" bench/bench_pruned_block.py \
     "${args[@]}" && STEP_NOTE="${args[*]}, $CPU_CORES cores: bench.md § pruned_block_cpu"
 }
@@ -393,7 +397,7 @@ step_cpu_blocks() {
 step_cpu_profile() {
   needs_native_bf16 || return 0
   local args=(--device cpu --dtype bfloat16 --batch 32 --calls 5)
-  [ "$DRY_RUN" = 1 ] && args=(--device cpu --dtype float32 --batch 1 --calls 2)
+  [ "$DRY_RUN" = 1 ] && args=("${PROFILE_REHEARSAL[@]}")
   bounded "$WORK/profile_models_cpu.log" "${PINNED[@]}" "$PYTHON" bench/profile_models.py \
     "${args[@]}" --models deit_tiny_patch16_224 deit_small_patch16_224 &&
     STEP_NOTE="${args[*]}, $CPU_CORES cores: bench.md § profile_*_cpu_*"
