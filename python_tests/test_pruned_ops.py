@@ -210,6 +210,25 @@ def test_msa_bias_and_scale_match_the_reference(device, n_keep):
         _assert_all_close([updated[:, :n_keep]], want[:1], dtype, name)
 
 
+@pytest.mark.parametrize("n_keep", [3, 7])
+def test_inference_ops_with_the_qkv_bias_folded_into_the_attention(n_keep, cpu_isa_env):
+    """On the CPU the in-place and inference ops project Q, K, V without their bias and
+    the attention kernel adds b_q to the queries and b_v to its output, the key bias
+    dropped (the softmax cancels it): exact in real arithmetic, so equal to the
+    reference in float64, here with biases large enough that a lost or misplaced one
+    shows; every row kept (one QKV GEMM) and a prefix of them."""
+    x, msa, _ = _block_inputs(torch.float64, seed=40 + n_keep)
+    msa[3] = msa[3] * 20.0
+    want = _pruned_msa_inference_reference(x, n_keep, 3, *msa, EPS)
+    for isa in cpu_isas():
+        cpu_isa_env(isa)
+        got = torch.ops.patchslim.pruned_msa_inference(x, n_keep, 3, *msa, EPS)
+        _assert_all_close([got], [want], torch.float64, f"{isa} msa_inference")
+        updated = x.clone()
+        torch.ops.patchslim.pruned_msa_(updated, n_keep, 3, *msa, EPS)
+        _assert_all_close([updated[:, :n_keep]], [want], torch.float64, f"{isa} msa_")
+
+
 def test_msa_without_bias_equals_a_zero_bias():
     x, msa, _ = _block_inputs(torch.float64)
     assert torch.equal(

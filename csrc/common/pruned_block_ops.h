@@ -19,8 +19,12 @@
 //   bias_gelu_(h (B, n, D), bias)                            h = GELU(h + bias)
 //   bias_gelu_backward_(grad (B, n, D), pre, bias)           grad *= GELU'(pre + bias)
 //   bias_residual_(out (B, n, C), bias, residual (B, n, C))  out += bias + residual
-//   attention(q (B, H, n, d), k, v (B, H, N, d), scale, want_probs)
-//       -> (context (B, n, C), probs (B, H, n, N) or undefined)
+//   attention(q (B, H, n, d), k, v (B, H, N, d), scale, want_probs,
+//             query_bias (C,) or none, value_bias (C,) or none)
+//       -> (context (B, n, C), probs (B, H, n, N) or undefined), with q + query_bias
+//          as the queries and value_bias added to the context
+//   kFoldsQkvBias                                            whether the inference ops
+//                                                            project Q, K, V without bias
 // The forward ops also return what their backward reads instead of recomputing
 // GEMMs (as native_layer_norm returns its statistics): Q (B, n, C), the K|V
 // projection (B, N, 2C) and the attention context (B, n, C) for MSA; FC1's
@@ -201,31 +205,55 @@ inline at::Tensor linear_of_rows(const at::Tensor& x, const at::Tensor& weight,
 }
 
 // Everything the attention forward and backward share: normalised x, Q, K, V.
-// q (B, n, C) and kv (B, N, 2C) as projected, and their per-head views.
+// q (B, n, C) and kv (B, N, 2C) as projected, and their per-head views. Where the
+// biases are set, q and kv were projected without the qkv bias, and the attention adds
+// query_bias to the queries and value_bias to its output (msa_projections says why
+// that is exact).
 struct MsaProjections {
   at::Tensor q, kv;
   at::Tensor q_heads() const { return split_heads(q, num_heads); }
   at::Tensor k_heads() const { return split_heads(kv.narrow(2, 0, q.size(2)), num_heads); }
   at::Tensor v_heads() const { return split_heads(kv.narrow(2, q.size(2), q.size(2)), num_heads); }
   int64_t num_heads;
+  std::optional<at::Tensor> query_bias = std::nullopt;
+  std::optional<at::Tensor> value_bias = std::nullopt;
 };
 
 template <typename Backend>
 MsaProjections msa_projections(const at::Tensor& normed, int64_t n_keep, int64_t num_heads,
                                const MsaParams& p, bool views_suffice) {
   const int64_t C = normed.size(2);
-  if (views_suffice && n_keep == normed.size(1)) {
-    // Every row kept, and Q, K|V not returned (the in-place op): one GEMM, and Q and
-    // K|V as views of its (B, N, 3C) output. A call fewer, which shows in small blocks.
-    const auto qkv = at::linear(normed, p.qkv_weight, p.qkv_bias);
-    return {qkv.narrow(2, 0, C), qkv.narrow(2, C, 2 * C), num_heads};
-  }
+  // Q, K|V not returned (the in-place and inference ops): their bias need not be in
+  // them. The key bias adds q·b_k to every logit of a query, which the softmax cancels;
+  // a query's probabilities sum to 1, so the value bias adds b_v to its context row;
+  // the attention adds b_q to the n queries it reads. The GEMMs then go without bias
+  // (on the CPU, ATen's addmm first copies the bias into every output row: ~10% of a
+  // block's K|V GEMM at batch 1).
+  const bool fold_bias = views_suffice && Backend::kFoldsQkvBias && p.qkv_bias.has_value();
   const auto bias = [&](int64_t start, int64_t length) -> std::optional<at::Tensor> {
     if (!p.qkv_bias.has_value()) return std::nullopt;
     return p.qkv_bias->narrow(0, start, length);
   };
-  return {linear_of_rows(normed.narrow(1, 0, n_keep), p.qkv_weight.narrow(0, 0, C), bias(0, C)),
-          linear_of_rows(normed, p.qkv_weight.narrow(0, C, 2 * C), bias(C, 2 * C)), num_heads};
+  const auto gemm_bias = [&](int64_t start, int64_t length) {
+    return fold_bias ? std::nullopt : bias(start, length);
+  };
+  MsaProjections out{at::Tensor(), at::Tensor(), num_heads};
+  if (fold_bias) {
+    out.query_bias = bias(0, C);
+    out.value_bias = bias(2 * C, C);
+  }
+  if (views_suffice && n_keep == normed.size(1)) {
+    // Every row kept, and Q, K|V not returned: one GEMM, and Q and K|V as views of its
+    // (B, N, 3C) output. A call fewer, which shows in small blocks.
+    const auto qkv = at::linear(normed, p.qkv_weight, gemm_bias(0, 3 * C));
+    out.q = qkv.narrow(2, 0, C);
+    out.kv = qkv.narrow(2, C, 2 * C);
+    return out;
+  }
+  out.q = linear_of_rows(normed.narrow(1, 0, n_keep), p.qkv_weight.narrow(0, 0, C),
+                         gemm_bias(0, C));
+  out.kv = linear_of_rows(normed, p.qkv_weight.narrow(0, C, 2 * C), gemm_bias(C, 2 * C));
+  return out;
 }
 
 // The logits' scale: the caller's (T2T-ViT uses embed_dim^-0.5), else 1/sqrt(head_dim).
@@ -257,7 +285,8 @@ MsaForward msa_core(const at::Tensor& x, int64_t n_keep, int64_t num_heads, cons
   const auto proj = msa_projections<Backend>(normed, n_keep, num_heads, p, !want_probs);
   auto [context, probs] =
       Backend::attention(proj.q_heads(), proj.k_heads(), proj.v_heads(),
-                         attention_scale(x.size(2), num_heads, scale), want_probs);
+                         attention_scale(x.size(2), num_heads, scale), want_probs,
+                         proj.query_bias, proj.value_bias);
   return {at::matmul(context, p.proj_weight.t()), probs, proj.q, proj.kv, context};
 }
 

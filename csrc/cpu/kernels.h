@@ -172,6 +172,8 @@ struct AttentionArgs {
   const T* v;
   T* out;
   T* probs;  // (B, H, n, N) contiguous, or nullptr where the caller does not want them
+  const T* query_bias;  // (H·d) added to every query, or nullptr
+  const T* value_bias;  // (H·d) added to every output row, or nullptr
   int64_t q_strides[3], k_strides[3], v_strides[3], out_strides[3];
   int64_t heads, queries, keys, dim;
   int64_t query_splits;

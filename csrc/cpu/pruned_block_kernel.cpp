@@ -9,6 +9,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <optional>
 #include <tuple>
 
 #include "common/pruned_block_ops.h"
@@ -48,6 +49,8 @@ void head_strides(const at::Tensor& t, int64_t (&strides)[3]) {
 }
 
 struct CpuBlock {
+  static constexpr bool kFoldsQkvBias = true;
+
   static void check_dtype(const at::Tensor& t, const char* op) { check_cpu_dtype(t, op); }
 
   static std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm(const at::Tensor& x,
@@ -97,9 +100,10 @@ struct CpuBlock {
     });
   }
 
-  static std::tuple<at::Tensor, at::Tensor> attention(const at::Tensor& q, const at::Tensor& k,
-                                                      const at::Tensor& v, double scale,
-                                                      bool want_probs) {
+  static std::tuple<at::Tensor, at::Tensor> attention(
+      const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, double scale,
+      bool want_probs, const std::optional<at::Tensor>& query_bias,
+      const std::optional<at::Tensor>& value_bias) {
     // One fused kernel for every dtype, with or without the probabilities: faster than
     // ATen's flash attention and than GEMM + softmax + GEMM in float32 and bfloat16
     // (docs/design.md §10; bench/results/pruned_block_cpu.md, in place vs (a)).
@@ -119,6 +123,11 @@ struct CpuBlock {
     const int64_t pairs = B * H;
     const int64_t query_splits = std::clamp<int64_t>(
         (2 * threads + pairs - 1) / pairs, 1, (n + kAttentionLanes - 1) / kAttentionLanes);
+    const auto contiguous_or_undefined = [](const std::optional<at::Tensor>& t) {
+      return t.has_value() ? t->contiguous() : at::Tensor();
+    };
+    const auto q_bias = contiguous_or_undefined(query_bias);
+    const auto v_bias = contiguous_or_undefined(value_bias);
     const int64_t scratch_size = attention_scratch_size(d, N);
     auto scratch =
         at::empty({threads, scratch_size}, q.options().dtype(accumulate_dtype(q.scalar_type())));
@@ -129,6 +138,8 @@ struct CpuBlock {
                             data_of<scalar_t>(v),
                             mutable_data_of<scalar_t>(out),
                             want_probs ? mutable_data_of<scalar_t>(probs) : nullptr,
+                            q_bias.defined() ? data_of<scalar_t>(q_bias) : nullptr,
+                            v_bias.defined() ? data_of<scalar_t>(v_bias) : nullptr,
                             {},
                             {},
                             {},

@@ -8,6 +8,7 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include <optional>
 #include <tuple>
 
 #include "common/pruned_block_ops.h"
@@ -19,6 +20,9 @@ namespace patchslim::cuda {
 namespace {
 
 struct CudaBlock {
+  // cuBLAS adds a bias in the GEMM's epilogue: nothing to gain from leaving it out.
+  static constexpr bool kFoldsQkvBias = false;
+
   static void check_dtype(const at::Tensor& t, const char* op) {
     TORCH_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == at::kHalf ||
                     t.scalar_type() == at::kBFloat16,
@@ -98,9 +102,12 @@ struct CudaBlock {
   // cuDNN or memory-efficient, as SDPA picks): it never writes the (B, H, n, N)
   // probabilities, which made our in-place blocks 1.2-2x slower than the same maths
   // with SDPA on an H200 (bench_pruned_block, bf16, batch 256).
-  static std::tuple<at::Tensor, at::Tensor> attention(const at::Tensor& q, const at::Tensor& k,
-                                                      const at::Tensor& v, double scale,
-                                                      bool want_probs) {
+  static std::tuple<at::Tensor, at::Tensor> attention(
+      const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, double scale,
+      bool want_probs, const std::optional<at::Tensor>& query_bias,
+      const std::optional<at::Tensor>& value_bias) {
+    // kFoldsQkvBias is false: Q, K, V come with their bias.
+    TORCH_INTERNAL_ASSERT(!query_bias.has_value() && !value_bias.has_value());
     if (want_probs) {
       return block::unfused_attention<CudaBlock>(q, k, v, scale);
     }

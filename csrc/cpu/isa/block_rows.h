@@ -139,7 +139,11 @@ void attention_query_block(const AttentionArgs<T>& a, int64_t pair, int64_t firs
       continue;
     }
     const T* q = a.q + b * a.q_strides[0] + h * a.q_strides[1] + (first + r) * a.q_strides[2];
-    for (int64_t t = 0; t < d; ++t) s.queries[t * lanes + r] = to_acc(q[t]) * a.scale;
+    const T* bias = a.query_bias == nullptr ? nullptr : a.query_bias + h * d;
+    for (int64_t t = 0; t < d; ++t) {
+      const A biased = to_acc(q[t]) + (bias == nullptr ? A(0) : to_acc(bias[t]));
+      s.queries[t * lanes + r] = biased * a.scale;
+    }
   }
   int64_t j = 0;
   for (; j + kKeys <= N; j += kKeys) {
@@ -185,10 +189,12 @@ void attention_query_block(const AttentionArgs<T>& a, int64_t pair, int64_t firs
         const A* p = s.scores + key * lanes + r0;
         for (int r = 0; r < kRows; ++r) acc[r] = V::fma(V::broadcast(p[r]), values, acc[r]);
       }
+      const V bias =
+          a.value_bias == nullptr ? V::zero() : load_chunk(a.value_bias + h * d + c, n, A(0));
       for (int r = 0; r < kRows && r0 + r < count; ++r) {
         const int64_t i = first + r0 + r;
         T* out = a.out + b * a.out_strides[0] + h * a.out_strides[1] + i * a.out_strides[2];
-        store_chunk(acc[r] * V::broadcast(s.inverse_sums[r0 + r]), out + c, n);
+        store_chunk(V::fma(acc[r], V::broadcast(s.inverse_sums[r0 + r]), bias), out + c, n);
       }
     });
   }
@@ -276,10 +282,13 @@ inline void attention_values_bf16_pairs(const AttentionArgs<BFloat16Bits>& a, in
       }
     }
     const int64_t n = std::min(lanes, d - c);
+    const Vec<float> bias = a.value_bias == nullptr ? Vec<float>::zero()
+                                                    : load_chunk(a.value_bias + h * d + c, n, 0.0f);
     for (int r = 0; r < kRows && r < count; ++r) {
       const int64_t i = first + r;
       BFloat16Bits* out = a.out + b * a.out_strides[0] + h * a.out_strides[1] + i * a.out_strides[2];
-      store_chunk(Vec<float>{acc[r]} * Vec<float>::broadcast(s.inverse_sums[r]), out + c, n);
+      store_chunk(Vec<float>::fma(Vec<float>{acc[r]}, Vec<float>::broadcast(s.inverse_sums[r]), bias),
+                  out + c, n);
     }
   }
 }
@@ -303,7 +312,18 @@ inline void attention_query_block_bf16_pairs(const AttentionArgs<BFloat16Bits>& 
     }
     const BFloat16Bits* q =
         a.q + b * a.q_strides[0] + h * a.q_strides[1] + (first + r) * a.q_strides[2];
-    for (int64_t t = 0; t < words; ++t) s.query_pairs[t * lanes + r] = bf16_pair_at(q + 2 * t);
+    if (a.query_bias == nullptr) {
+      for (int64_t t = 0; t < words; ++t) s.query_pairs[t * lanes + r] = bf16_pair_at(q + 2 * t);
+      continue;
+    }
+    // q + b, rounded to bf16 (the GEMM with the bias would have rounded once, not twice).
+    const BFloat16Bits* bias = a.query_bias + h * a.dim;
+    const auto biased = [&](int64_t c) -> uint32_t {
+      return from_acc<BFloat16Bits>(to_acc(q[c]) + to_acc(bias[c])).bits;
+    };
+    for (int64_t t = 0; t < words; ++t) {
+      s.query_pairs[t * lanes + r] = biased(2 * t) | (biased(2 * t + 1) << 16);
+    }
   }
   const __m512 scale = _mm512_set1_ps(a.scale);
   for (int64_t j = 0; j < padded_keys; j += kKeys) {
