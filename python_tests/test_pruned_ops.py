@@ -210,6 +210,35 @@ def test_msa_bias_and_scale_match_the_reference(device, n_keep):
         _assert_all_close([updated[:, :n_keep]], want[:1], dtype, name)
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("rows", [1, 3, 8, 9, 32, 33])
+def test_kept_row_gemms_on_both_sides_of_the_few_rows_kernel(dtype, rows, cpu_isa_env):
+    """Over a few kept rows (at most 8 in 16-bit dtypes, 32 in wider ones) the CPU ops
+    project with their own GEMM kernel, past that with ATen's. Row and output tiles
+    with tails (C = 39, D = 70: no multiple of a tile or a vector), the kept rows a
+    strided prefix, every ISA: float64 equal to the reference, bfloat16 within twice
+    plain torch's error."""
+    x, msa, mlp = _block_inputs(torch.float64, tokens=rows + 3, channels=39, hidden=70, batch=1)
+    want_msa = _pruned_msa_inference_reference(x, rows, 3, *msa, EPS)
+    want_mlp = _pruned_mlp_inference_reference(x[:, :rows], *mlp, EPS)
+    x, msa, mlp = x.to(dtype), [t.to(dtype) for t in msa], [t.to(dtype) for t in mlp]
+    plain_msa = _pruned_msa_inference_reference(x, rows, 3, *msa, EPS)
+    plain_mlp = _pruned_mlp_inference_reference(x[:, :rows], *mlp, EPS)
+    for isa in cpu_isas():
+        cpu_isa_env(isa)
+        got_msa = torch.ops.patchslim.pruned_msa_inference(x, rows, 3, *msa, EPS)
+        got_mlp = x.clone()
+        torch.ops.patchslim.pruned_mlp_(got_mlp[:, :rows], *mlp, EPS)
+        if dtype == torch.float64:
+            _assert_all_close([got_msa], [want_msa], dtype, f"{isa} msa")
+            _assert_all_close([got_mlp[:, :rows]], [want_mlp], dtype, f"{isa} mlp_")
+        else:
+            _assert_within_twice_plain_torch([got_msa], [plain_msa], [want_msa], f"{isa} msa")
+            _assert_within_twice_plain_torch(
+                [got_mlp[:, :rows]], [plain_mlp], [want_mlp], f"{isa} mlp_"
+            )
+
+
 @pytest.mark.parametrize("n_keep", [3, 7])
 def test_inference_ops_with_the_qkv_bias_folded_into_the_attention(n_keep, cpu_isa_env):
     """On the CPU the in-place and inference ops project Q, K, V without their bias and
@@ -269,13 +298,14 @@ def test_projections_of_kept_rows_are_plain_gemms(op, batch):
     """Without a qkv bias (T2T-ViT), the projection of the kept rows must not take
     at::matmul's batched GEMM, which copies the weight once per image: at batch 1 the
     kept rows' batch stride is the full tensor's, which matmul cannot fold into a matrix
-    although is_contiguous() holds (a 384×384 copy per block for T2T-ViT-14)."""
-    x, msa, _ = _block_inputs(torch.float32, batch=batch, tokens=9, channels=12)
+    although is_contiguous() holds (a 384×384 copy per block for T2T-ViT-14). More kept
+    rows than the CPU's few-rows kernel takes, so that the GEMMs are ATen's."""
+    x, msa, _ = _block_inputs(torch.float32, batch=batch, tokens=40, channels=12)
     params = [*msa[:3], None, *msa[4:]]
-    want = _pruned_msa_reference(x, 4, 3, *params, EPS, None)[0]
+    want = _pruned_msa_reference(x, 20, 3, *params, EPS, None)[0]
     with torch.profiler.profile() as profile:
-        out = getattr(torch.ops.patchslim, op)(x, 4, 3, *params, EPS, None)
-    got = x[:, :4] if op == "pruned_msa_" else out
+        out = getattr(torch.ops.patchslim, op)(x, 20, 3, *params, EPS, None)
+    got = x[:, :20] if op == "pruned_msa_" else out
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
     calls = {event.name for event in profile.events()}
     assert "aten::mm" in calls and "aten::bmm" not in calls, sorted(calls)

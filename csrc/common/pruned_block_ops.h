@@ -11,6 +11,7 @@
 // GEMMs are ATen's; LayerNorm, the softmax, bias+GELU and bias+residual are the
 // backend's kernels. `Backend` supplies (all in place where named with _):
 //   check_dtype(t, op)
+//   linear(x (B, R, K), weight (O, K), bias (O,) or none) -> (B, R, O)   the kept-row GEMMs
 //   layer_norm(x (B, R, C), weight, bias, eps) -> (y, mean, rstd)
 //   layer_norm_backward(grad (B, R, C), x, mean, rstd, weight) -> (dx, dweight, dbias)
 //   softmax_(scores (B, H, n, N), scale)                     p = softmax(scale·s);
@@ -245,14 +246,14 @@ MsaProjections msa_projections(const at::Tensor& normed, int64_t n_keep, int64_t
   if (views_suffice && n_keep == normed.size(1)) {
     // Every row kept, and Q, K|V not returned: one GEMM, and Q and K|V as views of its
     // (B, N, 3C) output. A call fewer, which shows in small blocks.
-    const auto qkv = at::linear(normed, p.qkv_weight, gemm_bias(0, 3 * C));
+    const auto qkv = Backend::linear(normed, p.qkv_weight, gemm_bias(0, 3 * C));
     out.q = qkv.narrow(2, 0, C);
     out.kv = qkv.narrow(2, C, 2 * C);
     return out;
   }
-  out.q = linear_of_rows(normed.narrow(1, 0, n_keep), p.qkv_weight.narrow(0, 0, C),
-                         gemm_bias(0, C));
-  out.kv = linear_of_rows(normed, p.qkv_weight.narrow(0, C, 2 * C), gemm_bias(C, 2 * C));
+  out.q = Backend::linear(normed.narrow(1, 0, n_keep), p.qkv_weight.narrow(0, 0, C),
+                          gemm_bias(0, C));
+  out.kv = Backend::linear(normed, p.qkv_weight.narrow(0, C, 2 * C), gemm_bias(C, 2 * C));
   return out;
 }
 
@@ -287,7 +288,7 @@ MsaForward msa_core(const at::Tensor& x, int64_t n_keep, int64_t num_heads, cons
       Backend::attention(proj.q_heads(), proj.k_heads(), proj.v_heads(),
                          attention_scale(x.size(2), num_heads, scale), want_probs,
                          proj.query_bias, proj.value_bias);
-  return {at::matmul(context, p.proj_weight.t()), probs, proj.q, proj.kv, context};
+  return {Backend::linear(context, p.proj_weight, std::nullopt), probs, proj.q, proj.kv, context};
 }
 
 template <typename Backend>
@@ -393,10 +394,10 @@ template <typename Backend>
 std::tuple<at::Tensor, at::Tensor> mlp_core(const at::Tensor& x, const MlpParams& p, double eps,
                                             bool keep_pre) {
   const auto normed = std::get<0>(Backend::layer_norm(x, p.ln_weight, p.ln_bias, eps));
-  auto pre = at::matmul(normed, p.fc1_weight.t());
+  auto pre = Backend::linear(normed, p.fc1_weight, std::nullopt);
   auto hidden = keep_pre ? pre.clone() : pre;
   Backend::bias_gelu_(hidden, p.fc1_bias);
-  return {at::matmul(hidden, p.fc2_weight.t()), keep_pre ? pre : at::Tensor()};
+  return {Backend::linear(hidden, p.fc2_weight, std::nullopt), keep_pre ? pre : at::Tensor()};
 }
 
 template <typename Backend>

@@ -132,6 +132,19 @@ struct BiasResidualArgs {
   int64_t cols;
 };
 
+// out = x Wᵀ (+ bias) for a few rows x: each output is the dot product of two
+// contiguous rows, so W (out_features, in_features) is read as it is stored. A GEMM
+// library repacks W on every call (oneDNN: 20-30 µs for a 192×768 bf16 weight at one
+// row), which is most of the time of a GEMM over the last blocks' few kept rows.
+template <typename T>
+struct FewRowsLinearArgs {
+  RowView<const T> x;  // rows of in_features
+  const T* weight;     // (out_features, in_features), rows weight_stride apart
+  const T* bias;       // (out_features,) or nullptr
+  RowView<T> out;      // rows of out_features
+  int64_t rows, in_features, out_features, weight_stride;
+};
+
 constexpr int64_t kAttentionLanes = 16;
 
 // The scratch of the bf16-pair attention kernel (block_rows.h), in 32-bit words: K
@@ -198,6 +211,8 @@ struct CpuKernels {
   void (*bias_residual)(const BiasResidualArgs<T>&, int64_t begin, int64_t end);
   // Tasks [begin, end) of B·H·query_splits; scratch as attention_scratch_size says.
   void (*attention)(const AttentionArgs<T>&, int64_t begin, int64_t end, acc_t<T>* scratch);
+  // Outputs (columns of out) [begin, end), for every row.
+  void (*few_rows_linear)(const FewRowsLinearArgs<T>&, int64_t begin, int64_t end);
 };
 
 namespace scalar {

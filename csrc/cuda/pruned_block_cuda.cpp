@@ -29,6 +29,11 @@ struct CudaBlock {
                 op, ": CUDA supports float32, float16 and bfloat16 inputs, got ", t.scalar_type());
   }
 
+  static at::Tensor linear(const at::Tensor& x, const at::Tensor& weight,
+                           const std::optional<at::Tensor>& bias) {
+    return block::linear_of_rows(x, weight, bias);
+  }
+
   static std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm(const at::Tensor& x,
                                                                     const at::Tensor& weight,
                                                                     const at::Tensor& bias,
