@@ -8,10 +8,12 @@
 //         (s = 1/√d unless the caller gives one; the qkv bias is optional)
 //   MLP:  out = x + FC2(GELU(FC1(LN2(x))))            on the kept rows x (B, n, C)
 //
-// GEMMs are ATen's; LayerNorm, the softmax, bias+GELU and bias+residual are the
-// backend's kernels. `Backend` supplies (all in place where named with _):
+// The forward GEMMs are the backend's `linear` (ATen's, or on the CPU its own kernel
+// over a few rows), the backward's are ATen's; LayerNorm, the softmax, bias+GELU and
+// bias+residual are the backend's kernels. `Backend` supplies (all in place where
+// named with _):
 //   check_dtype(t, op)
-//   linear(x (B, R, K), weight (O, K), bias (O,) or none) -> (B, R, O)   the kept-row GEMMs
+//   linear(x (B, R, K), weight (O, K), bias (O,) or none) -> (B, R, O)
 //   layer_norm(x (B, R, C), weight, bias, eps) -> (y, mean, rstd)
 //   layer_norm_backward(grad (B, R, C), x, mean, rstd, weight) -> (dx, dweight, dbias)
 //   softmax_(scores (B, H, n, N), scale)                     p = softmax(scale·s);
@@ -282,6 +284,25 @@ template <typename Backend>
 MsaForward msa_core(const at::Tensor& x, int64_t n_keep, int64_t num_heads, const MsaParams& p,
                     double eps, std::optional<double> scale, bool want_probs) {
   const auto normed = std::get<0>(Backend::layer_norm(x, p.ln_weight, p.ln_bias, eps));
+  if constexpr (Backend::kFewQueriesAttention) {
+    const int64_t C = x.size(2);
+    if (!want_probs &&
+        Backend::few_queries_attention_pays(n_keep, x.size(1), C / num_heads, x.scalar_type())) {
+      // A few queries (the last blocks): attention in the tokens' space, without
+      // projecting K and V for all N tokens (docs/design.md §11).
+      const auto bias = [&](int64_t start) -> std::optional<at::Tensor> {
+        if (!p.qkv_bias.has_value()) return std::nullopt;
+        return p.qkv_bias->narrow(0, start, C);
+      };
+      const auto q =
+          Backend::linear(normed.narrow(1, 0, n_keep), p.qkv_weight.narrow(0, 0, C), std::nullopt);
+      const auto context = Backend::few_queries_attention(
+          q, normed, p.qkv_weight.narrow(0, C, C), p.qkv_weight.narrow(0, 2 * C, C), bias(0),
+          bias(2 * C), attention_scale(C, num_heads, scale), num_heads);
+      return {Backend::linear(context, p.proj_weight, std::nullopt), at::Tensor(), at::Tensor(),
+              at::Tensor(), context};
+    }
+  }
   // Without probabilities (the in-place op) the projections are not returned either.
   const auto proj = msa_projections<Backend>(normed, n_keep, num_heads, p, !want_probs);
   auto [context, probs] =

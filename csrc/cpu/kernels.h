@@ -145,6 +145,34 @@ struct FewRowsLinearArgs {
   int64_t rows, in_features, out_features, weight_stride;
 };
 
+// Attention of a few queries without projecting K and V (docs/design.md §11): for
+// query i of image b and head h, with x̂ the normalised tokens (B, N, C),
+//   q̃ = s · W_k,hᵀ (q_i,h + b_q,h)                 (C)
+//   p_j ∝ exp(q̃ · x̂_j)                             over the N tokens j
+//   out_i,h = W_v,h Σ_j p_j x̂_j + b_v,h             (d)
+// which is softmax(s·Q Kᵀ) V for K, V = x̂ W_kᵀ, x̂ W_vᵀ (+ b_v): the key bias drops out
+// of the softmax. Per query it costs 2·C² + 2·H·N·C multiply-adds against the
+// 2·N·C² of projecting K and V for all N tokens once.
+template <typename T>
+struct FewQueriesAttentionArgs {
+  const T* q;             // (B, n, C), rows q_row_stride apart, images q_batch_stride
+  const T* query_bias;    // (C,) or nullptr
+  const T* normed;        // (B, N, C) contiguous
+  const T* key_weight;    // W_k (C, C), rows weight_stride apart
+  const T* value_weight;  // W_v (C, C), rows weight_stride apart
+  const T* value_bias;    // (C,) or nullptr
+  T* out;                 // (B, n, C) contiguous
+  int64_t q_batch_stride, q_row_stride, weight_stride;
+  int64_t heads, queries, keys, channels;
+  acc_t<T> scale;
+};
+
+// Floats of scratch per thread for few_queries_attention: q̃ and Σ p x̂ (C each) and
+// the scores (N).
+constexpr int64_t few_queries_attention_scratch_size(int64_t channels, int64_t keys) {
+  return 2 * channels + keys;
+}
+
 constexpr int64_t kAttentionLanes = 16;
 
 // The scratch of the bf16-pair attention kernel (block_rows.h), in 32-bit words: K
@@ -213,6 +241,10 @@ struct CpuKernels {
   void (*attention)(const AttentionArgs<T>&, int64_t begin, int64_t end, acc_t<T>* scratch);
   // Outputs (columns of out) [begin, end), for every row.
   void (*few_rows_linear)(const FewRowsLinearArgs<T>&, int64_t begin, int64_t end);
+  // Tasks [begin, end) of B·H·n (image, head, query); scratch as
+  // few_queries_attention_scratch_size says.
+  void (*few_queries_attention)(const FewQueriesAttentionArgs<T>&, int64_t begin, int64_t end,
+                                acc_t<T>* scratch);
 };
 
 namespace scalar {

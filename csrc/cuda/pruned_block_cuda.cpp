@@ -22,6 +22,8 @@ namespace {
 struct CudaBlock {
   // cuBLAS adds a bias in the GEMM's epilogue: nothing to gain from leaving it out.
   static constexpr bool kFoldsQkvBias = false;
+  // The few-queries attention of the CPU (docs/design.md §11) is not written for CUDA.
+  static constexpr bool kFewQueriesAttention = false;
 
   static void check_dtype(const at::Tensor& t, const char* op) {
     TORCH_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == at::kHalf ||
