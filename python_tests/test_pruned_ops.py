@@ -210,17 +210,12 @@ def test_msa_bias_and_scale_match_the_reference(device, n_keep):
         _assert_all_close([updated[:, :n_keep]], want[:1], dtype, name)
 
 
-@pytest.mark.parametrize("n_keep", [1, 3, 4])
-def test_few_queries_attend_in_the_tokens_space(n_keep, cpu_isa_env):
-    """Over a few kept rows the CPU's in-place and inference ops attend without
-    projecting K and V (q̃ = s·W_kᵀ q against the normalised tokens, then W_v times
-    their mix): with N = 40 and d = 16 that is n ≤ 3 in float64 and n = 1 in bfloat16,
-    n = 4 the usual path. Equal to the reference in float64 with large qkv biases, two
-    images, every ISA; bfloat16 within twice plain torch's error."""
-    x, msa, _ = _block_inputs(torch.float64, tokens=40, channels=48, batch=2, seed=50 + n_keep)
-    msa[3] = msa[3] * 20.0
+def _check_inference_ops_in_every_isa(x, n_keep, msa, cpu_isa_env, with_bfloat16):
+    """pruned_msa_inference and pruned_msa_ (3 heads) against the reference: float64
+    inputs equal to it in every ISA; with_bfloat16, the same inputs in bfloat16 within
+    twice plain torch's error."""
     want = _pruned_msa_inference_reference(x, n_keep, 3, *msa, EPS)
-    low, low_msa = x.bfloat16(), [t.bfloat16() for t in msa]
+    low, low_msa = x.bfloat16(), [None if t is None else t.bfloat16() for t in msa]
     plain_low = _pruned_msa_inference_reference(low, n_keep, 3, *low_msa, EPS)
     for isa in cpu_isas():
         cpu_isa_env(isa)
@@ -229,8 +224,24 @@ def test_few_queries_attend_in_the_tokens_space(n_keep, cpu_isa_env):
         updated = x.clone()
         torch.ops.patchslim.pruned_msa_(updated, n_keep, 3, *msa, EPS)
         _assert_all_close([updated[:, :n_keep]], [want], torch.float64, f"{isa} msa_")
-        got_low = torch.ops.patchslim.pruned_msa_inference(low, n_keep, 3, *low_msa, EPS)
-        _assert_within_twice_plain_torch([got_low], [plain_low], [want], f"{isa} bf16")
+        if with_bfloat16:
+            got_low = torch.ops.patchslim.pruned_msa_inference(low, n_keep, 3, *low_msa, EPS)
+            _assert_within_twice_plain_torch([got_low], [plain_low], [want], f"{isa} bf16")
+
+
+@pytest.mark.parametrize("n_keep", [1, 3, 4])
+def test_few_queries_attend_in_the_tokens_space(n_keep, cpu_isa_env):
+    """Over a few kept rows the CPU's in-place and inference ops attend without
+    projecting K and V (q̃ = s·W_kᵀ q against the normalised tokens, then W_v times
+    their mix): with N = 40 and d = 16 that is n ≤ 3 in float64 and n = 1 in bfloat16,
+    n = 4 the usual path. Equal to the reference in float64 with large qkv biases and
+    with none (T2T-ViT), two images, every ISA; bfloat16 within twice plain torch's
+    error."""
+    x, msa, _ = _block_inputs(torch.float64, tokens=40, channels=48, batch=2, seed=50 + n_keep)
+    msa[3] = msa[3] * 20.0
+    _check_inference_ops_in_every_isa(x, n_keep, msa, cpu_isa_env, with_bfloat16=True)
+    no_bias = [*msa[:3], None, *msa[4:]]
+    _check_inference_ops_in_every_isa(x, n_keep, no_bias, cpu_isa_env, with_bfloat16=True)
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
@@ -271,14 +282,7 @@ def test_inference_ops_with_the_qkv_bias_folded_into_the_attention(n_keep, cpu_i
     shows; every row kept (one QKV GEMM) and a prefix of them."""
     x, msa, _ = _block_inputs(torch.float64, seed=40 + n_keep)
     msa[3] = msa[3] * 20.0
-    want = _pruned_msa_inference_reference(x, n_keep, 3, *msa, EPS)
-    for isa in cpu_isas():
-        cpu_isa_env(isa)
-        got = torch.ops.patchslim.pruned_msa_inference(x, n_keep, 3, *msa, EPS)
-        _assert_all_close([got], [want], torch.float64, f"{isa} msa_inference")
-        updated = x.clone()
-        torch.ops.patchslim.pruned_msa_(updated, n_keep, 3, *msa, EPS)
-        _assert_all_close([updated[:, :n_keep]], [want], torch.float64, f"{isa} msa_")
+    _check_inference_ops_in_every_isa(x, n_keep, msa, cpu_isa_env, with_bfloat16=False)
 
 
 def test_msa_without_bias_equals_a_zero_bias():
