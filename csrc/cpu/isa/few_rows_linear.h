@@ -2,9 +2,9 @@
 // against Vec<acc_t<T>> and compiled per ISA; bfloat16 on AVX512-BF16 takes vdpbf16ps
 // pairs instead. Included by isa_unit.inc after block_rows.h.
 //
-// Each task takes a range of outputs. A tile of kTileRows rows × kTileOutputs outputs
-// keeps one vector sum per (row, output) across the reduction (no packing: both rows
-// are contiguous) and reduces each horizontally at the end; outputs are the outer
+// Each task takes a range of outputs. A tile of kTileRows rows × few_rows_tile_outputs()
+// outputs keeps one vector sum per (row, output) across the reduction (no packing: both
+// rows are contiguous) and reduces each horizontally at the end; outputs are the outer
 // loop, so a tile's weight rows stay in L1 while every row block reads them.
 
 template <typename A>
