@@ -207,6 +207,14 @@ inline at::Tensor linear_of_rows(const at::Tensor& x, const at::Tensor& weight,
       .view({x.size(0), x.size(1), weight.size(0)});
 }
 
+// Elements [start, start + length) of the qkv bias, or none where the projection has
+// no bias.
+inline std::optional<at::Tensor> qkv_bias_part(const MsaParams& p, int64_t start,
+                                               int64_t length) {
+  if (!p.qkv_bias.has_value()) return std::nullopt;
+  return p.qkv_bias->narrow(0, start, length);
+}
+
 // Everything the attention forward and backward share: normalised x, Q, K, V.
 // q (B, n, C) and kv (B, N, 2C) as projected, and their per-head views. Where the
 // biases are set, q and kv were projected without the qkv bias, and the attention adds
@@ -233,17 +241,13 @@ MsaProjections msa_projections(const at::Tensor& normed, int64_t n_keep, int64_t
   // (on the CPU, ATen's addmm first copies the bias into every output row: ~10% of a
   // block's K|V GEMM at batch 1).
   const bool fold_bias = views_suffice && Backend::kFoldsQkvBias && p.qkv_bias.has_value();
-  const auto bias = [&](int64_t start, int64_t length) -> std::optional<at::Tensor> {
-    if (!p.qkv_bias.has_value()) return std::nullopt;
-    return p.qkv_bias->narrow(0, start, length);
-  };
   const auto gemm_bias = [&](int64_t start, int64_t length) {
-    return fold_bias ? std::nullopt : bias(start, length);
+    return fold_bias ? std::nullopt : qkv_bias_part(p, start, length);
   };
   MsaProjections out{at::Tensor(), at::Tensor(), num_heads};
   if (fold_bias) {
-    out.query_bias = bias(0, C);
-    out.value_bias = bias(2 * C, C);
+    out.query_bias = qkv_bias_part(p, 0, C);
+    out.value_bias = qkv_bias_part(p, 2 * C, C);
   }
   if (views_suffice && n_keep == normed.size(1)) {
     // Every row kept, and Q, K|V not returned: one GEMM, and Q and K|V as views of its
@@ -290,15 +294,12 @@ MsaForward msa_core(const at::Tensor& x, int64_t n_keep, int64_t num_heads, cons
         Backend::few_queries_attention_pays(n_keep, x.size(1), C / num_heads, x.scalar_type())) {
       // A few queries (the last blocks): attention in the tokens' space, without
       // projecting K and V for all N tokens (docs/design.md §11).
-      const auto bias = [&](int64_t start) -> std::optional<at::Tensor> {
-        if (!p.qkv_bias.has_value()) return std::nullopt;
-        return p.qkv_bias->narrow(0, start, C);
-      };
       const auto q =
           Backend::linear(normed.narrow(1, 0, n_keep), p.qkv_weight.narrow(0, 0, C), std::nullopt);
       const auto context = Backend::few_queries_attention(
-          q, normed, p.qkv_weight.narrow(0, C, C), p.qkv_weight.narrow(0, 2 * C, C), bias(0),
-          bias(2 * C), attention_scale(C, num_heads, scale), num_heads);
+          q, normed, p.qkv_weight.narrow(0, C, C), p.qkv_weight.narrow(0, 2 * C, C),
+          qkv_bias_part(p, 0, C), qkv_bias_part(p, 2 * C, C),
+          attention_scale(C, num_heads, scale), num_heads);
       return {Backend::linear(context, p.proj_weight, std::nullopt), at::Tensor(), at::Tensor(),
               at::Tensor(), context};
     }

@@ -134,7 +134,7 @@ struct BiasResidualArgs {
 
 // out = x Wᵀ (+ bias) for a few rows x: each output is the dot product of two
 // contiguous rows, so W (out_features, in_features) is read as it is stored. A GEMM
-// library repacks W on every call (oneDNN: 20-30 µs for a 192×768 bf16 weight at one
+// library repacks W on every call (oneDNN: 30-40 µs for a 192×768 bf16 weight at one
 // row), which is most of the time of a GEMM over the last blocks' few kept rows.
 template <typename T>
 struct FewRowsLinearArgs {

@@ -1,6 +1,7 @@
 // CPU backend of the pruned-block ops: the op bodies are in
 // common/pruned_block_ops.h; the row kernels are the ISA kernels in
-// isa/block_rows.h, isa/few_rows_linear.h and isa/layer_norm_rows.h.
+// isa/block_rows.h, isa/few_rows_linear.h, isa/few_queries_attention.h and
+// isa/layer_norm_rows.h.
 
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -41,6 +42,16 @@ void for_rows(const at::Tensor& t, const Args& args, Kernel kernel) {
                    [&](int64_t begin, int64_t end) { kernel(args, begin, end); });
 }
 
+// An optional argument (a bias) contiguous, or undefined where absent, and its data or
+// nullptr: the kernels take an absent bias as nullptr.
+at::Tensor optional_contiguous(const std::optional<at::Tensor>& t) {
+  return t.has_value() ? t->contiguous() : at::Tensor();
+}
+template <typename T>
+const kernel_t<T>* data_or_null(const at::Tensor& t) {
+  return t.defined() ? data_of<T>(t) : nullptr;
+}
+
 // (B, H, rows, d) view strides, as the attention kernel takes them.
 void head_strides(const at::Tensor& t, int64_t (&strides)[3]) {
   strides[0] = t.stride(0);
@@ -70,12 +81,12 @@ struct CpuBlock {
     }
     auto out = at::empty({x.size(0), x.size(1), weight.size(0)}, x.options());
     if (out.numel() == 0) return out;
-    const auto b = bias.has_value() ? bias->contiguous() : at::Tensor();
+    const auto b = optional_contiguous(bias);
     PATCHSLIM_DISPATCH_CPU(x.scalar_type(), "few_rows_linear_cpu", [&] {
       using K = kernel_t<scalar_t>;
       const FewRowsLinearArgs<K> args{rows_of(data_of<scalar_t>(x), x),
                                       data_of<scalar_t>(weight),
-                                      b.defined() ? data_of<scalar_t>(b) : nullptr,
+                                      data_or_null<scalar_t>(b),
                                       rows_of(mutable_data_of<scalar_t>(out), out),
                                       rows,
                                       x.size(2),
@@ -123,11 +134,8 @@ struct CpuBlock {
     const auto normed = normed_arg.contiguous();
     const auto key_weight = key_weight_arg.contiguous();
     const auto value_weight = value_weight_arg.contiguous();
-    const auto contiguous_or_undefined = [](const std::optional<at::Tensor>& t) {
-      return t.has_value() ? t->contiguous() : at::Tensor();
-    };
-    const auto q_bias = contiguous_or_undefined(query_bias);
-    const auto v_bias = contiguous_or_undefined(value_bias);
+    const auto q_bias = optional_contiguous(query_bias);
+    const auto v_bias = optional_contiguous(value_bias);
     const int64_t threads = at::get_num_threads();
     const int64_t scratch_size = few_queries_attention_scratch_size(C, N);
     auto scratch =
@@ -135,11 +143,11 @@ struct CpuBlock {
     PATCHSLIM_DISPATCH_CPU(q.scalar_type(), "few_queries_attention_cpu", [&] {
       using K = kernel_t<scalar_t>;
       const FewQueriesAttentionArgs<K> args{data_of<scalar_t>(q),
-                                            q_bias.defined() ? data_of<scalar_t>(q_bias) : nullptr,
+                                            data_or_null<scalar_t>(q_bias),
                                             data_of<scalar_t>(normed),
                                             data_of<scalar_t>(key_weight),
                                             data_of<scalar_t>(value_weight),
-                                            v_bias.defined() ? data_of<scalar_t>(v_bias) : nullptr,
+                                            data_or_null<scalar_t>(v_bias),
                                             mutable_data_of<scalar_t>(out),
                                             q.stride(0),
                                             q.stride(1),
@@ -228,11 +236,8 @@ struct CpuBlock {
     const int64_t pairs = B * H;
     const int64_t query_splits = std::clamp<int64_t>(
         (2 * threads + pairs - 1) / pairs, 1, (n + kAttentionLanes - 1) / kAttentionLanes);
-    const auto contiguous_or_undefined = [](const std::optional<at::Tensor>& t) {
-      return t.has_value() ? t->contiguous() : at::Tensor();
-    };
-    const auto q_bias = contiguous_or_undefined(query_bias);
-    const auto v_bias = contiguous_or_undefined(value_bias);
+    const auto q_bias = optional_contiguous(query_bias);
+    const auto v_bias = optional_contiguous(value_bias);
     const int64_t scratch_size = attention_scratch_size(d, N);
     auto scratch =
         at::empty({threads, scratch_size}, q.options().dtype(accumulate_dtype(q.scalar_type())));
@@ -243,8 +248,8 @@ struct CpuBlock {
                             data_of<scalar_t>(v),
                             mutable_data_of<scalar_t>(out),
                             want_probs ? mutable_data_of<scalar_t>(probs) : nullptr,
-                            q_bias.defined() ? data_of<scalar_t>(q_bias) : nullptr,
-                            v_bias.defined() ? data_of<scalar_t>(v_bias) : nullptr,
+                            data_or_null<scalar_t>(q_bias),
+                            data_or_null<scalar_t>(v_bias),
                             {},
                             {},
                             {},
